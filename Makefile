@@ -1,0 +1,47 @@
+# bone-health: `make repro` runs the pipeline on the embedded phantom, `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export NO_ALBUMENTATIONS_UPDATE := 1
+export HF_HUB_OFFLINE ?= 1
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: repro test install ui server bench lock clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+repro: $(STAMP)
+	test -d .dvc || dvc init -q
+	dvc config core.analytics false
+	dvc repro
+	@echo
+	@echo "Results:"
+	@echo "  prepared store + validation report: data/prepared/ (report.json)"
+	@echo "  metrics: reports/metrics.json   (dvc metrics show)"
+	@echo "  plots:   reports/plots/         (dvc plots show)"
+	@echo "  Grad-CAM overlays: reports/gradcam/"
+	@echo "  MLflow runs + registry: mlruns/  -> open the UI with: make ui"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port $${PORT:-5000} --workers 1
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+# Re-record the exact versions that passed, after changing pyproject.toml.
+lock:
+	$(BIN)/pip freeze --exclude-editable | grep -v '^bone-health' > constraints.txt
+
+clean:
+	rm -rf data/prepared models reports tune

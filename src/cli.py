@@ -1,0 +1,20 @@
+"""Shared entry-point plumbing: every stage's `main` runs through `run_main`."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from src.errors import BoneHealthError
+
+
+def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run a stage's main; a BoneHealthError becomes one line on stderr and exit status 2."""
+    try:
+        code = main(argv)
+    except BoneHealthError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)

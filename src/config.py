@@ -1,0 +1,339 @@
+"""The one place every setting is declared, typed and validated.
+
+params.yaml is namespaced by stage; each section is a pydantic model that forbids
+unknown keys, so a typo stops the run with one line naming the key and what is
+allowed instead of being silently ignored.  `--set section.key=value` overrides use
+the same spelling as `dvc exp run -S`.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from src.errors import BoneHealthError
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+class ParamsError(BoneHealthError):
+    """A params file or override that does not validate."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+class DataParams(Section):
+    root: str = "data/phantom/images"
+    manifest: Optional[str] = "data/phantom/manifest.csv"
+    annotations: Optional[str] = "data/phantom/annotations.json"
+    patient_regex: Optional[str] = None
+    classes: Optional[list[str]] = None
+    positive_class: str = "C3"
+    name: Optional[str] = None
+    extensions: list[str] = Field(
+        default_factory=lambda: [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"]
+    )
+    on_bad_file: Literal["stop", "skip"] = "stop"
+    on_label_conflict: Literal["stop", "skip"] = "stop"
+
+
+# ------------------------------------------------------------------------ phantom
+class PhantomParams(Section):
+    out: str = "data/phantom"
+    masks_out: str = "data/phantom_masks"
+    seed: int = 0
+    classes: list[str] = Field(default_factory=lambda: ["C1", "C3"], min_length=2, max_length=2)
+    patients_per_class: int = Field(80, ge=1)
+    followup_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    max_images_per_patient: int = Field(3, ge=1)
+    width: int = Field(1024, ge=256, le=4096)
+    height: int = Field(512, ge=128, le=2048)
+    separation: float = Field(1.0, ge=0.0)
+    bit_depth: Literal[8, 16] = 8
+
+
+# ------------------------------------------------------------------------ prepare
+class FullParams(Section):
+    downscale: Optional[float] = Field(3.0, gt=0)
+    size: Optional[tuple[int, int]] = None  # [height, width]; wins over downscale
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if self.downscale is None and self.size is None:
+            raise ValueError("set prepare.full.downscale or prepare.full.size [height, width]")
+        if self.size is not None and min(self.size) < 8:
+            raise ValueError("prepare.full.size must be [height, width] with both >= 8")
+        return self
+
+
+class CropParams(Section):
+    side: int = Field(600, ge=8)
+    reference_width: Optional[int] = Field(2900, ge=1)
+    size: int = Field(128, ge=8, le=2048)
+
+
+class RollingBallParams(Section):
+    enabled: bool = False
+    radius: int = Field(50, ge=1)
+
+
+class ClaheParams(Section):
+    enabled: bool = False
+    clip_limit: float = Field(2.0, gt=0)
+    tile_grid: int = Field(8, ge=1)
+
+
+class PrepareParams(Section):
+    out: str = "data/prepared"
+    mode: Literal["full", "crop"] = "crop"
+    full: FullParams = Field(default_factory=FullParams)
+    crop: CropParams = Field(default_factory=CropParams)
+    rolling_ball: RollingBallParams = Field(default_factory=RollingBallParams)
+    clahe: ClaheParams = Field(default_factory=ClaheParams)
+    dtype: Literal["uint8", "uint16"] = "uint8"
+    fold_seed: int = 42
+
+
+# -------------------------------------------------------------------------- train
+class AugmentParams(Section):
+    enabled: bool = True
+    strength: float = Field(1.0, ge=0.0, le=3.0)
+    vflip: float = Field(0.5, ge=0.0, le=1.0)
+    hflip: float = Field(0.0, ge=0.0, le=1.0)
+    rotate_limit: float = Field(10.0, ge=0.0, le=180.0)
+    affine: float = Field(0.5, ge=0.0, le=1.0)
+    brightness_contrast: float = Field(0.5, ge=0.0, le=1.0)
+    gamma: float = Field(0.3, ge=0.0, le=1.0)
+    clahe: float = Field(0.0, ge=0.0, le=1.0)
+    noise: float = Field(0.2, ge=0.0, le=1.0)
+    blur: float = Field(0.1, ge=0.0, le=1.0)
+
+
+class TrainParams(Section):
+    out: str = "models"
+    folds: int = Field(5, ge=2, le=20)
+    val_fraction: float = Field(0.2, gt=0.0, lt=0.6)
+    model: str = "efficientnet_b0"
+    pretrained: bool = False
+    weights: Optional[str] = None
+    in_chans: Literal[1, 3] = 1
+    image_size: Optional[int] = Field(None, ge=16, le=2048)
+    drop_rate: float = Field(0.2, ge=0.0, lt=1.0)
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(16, ge=1)
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    scheduler: Literal["plateau", "cosine", "none"] = "cosine"
+    plateau_factor: float = Field(0.1, gt=0.0, lt=1.0)
+    plateau_patience: int = Field(5, ge=0)
+    warmup_epochs: int = Field(1, ge=0)
+    early_stopping_patience: int = Field(8, ge=0)  # 0 disables
+    class_balance: Literal["none", "weights", "sampler"] = "weights"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip: Optional[float] = Field(None, gt=0.0)
+    seed: int = 0
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    channels_last: bool = True
+    num_workers: int = Field(0, ge=0)
+    augment: AugmentParams = Field(default_factory=AugmentParams)
+
+
+# ----------------------------------------------------------------------- evaluate
+class EvaluateParams(Section):
+    out: str = "reports"
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    bootstrap: int = Field(2000, ge=0)
+    ci: float = Field(0.95, gt=0.5, lt=1.0)
+    calibration_bins: int = Field(10, ge=2)
+    seed: int = 0
+
+
+# ------------------------------------------------------------------------ gradcam
+class GradcamParams(Section):
+    out: str = "reports/gradcam"
+    per_class: int = Field(20, ge=1)
+    seed: int = 0
+    method: Literal["gradcam", "gradcam++", "hirescam", "layercam", "eigencam", "scorecam", "saliency"] = "gradcam"
+    target_layer: Optional[str] = None
+    masks: Optional[str] = "data/phantom_masks"
+    alpha: float = Field(0.4, ge=0.0, le=1.0)
+
+
+# --------------------------------------------------------------------------- tune
+class TuneParams(Section):
+    out: str = "tune"
+    study_name: str = "bone-health"
+    storage: Optional[str] = None  # None: a journal file under `out`
+    n_trials: int = Field(20, ge=1)
+    timeout: Optional[float] = Field(None, gt=0)
+    sampler_seed: int = 0
+    pruner: Literal["wilcoxon", "median", "none"] = "wilcoxon"
+    objective: Literal["val_auc", "test_auc"] = "val_auc"
+    epochs: Optional[int] = Field(None, ge=1)
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------- register
+class GateParams(Section):
+    metric: str = "oof_roc_auc"
+    min_gain: float = Field(0.0, ge=0.0)
+    max_sensitivity_drop: float = Field(0.02, ge=0.0, le=1.0)
+
+
+class RegisterParams(Section):
+    name: str = "bone-health"
+    strategy: Literal["ensemble", "refit"] = "ensemble"
+    gate: GateParams = Field(default_factory=GateParams)
+
+
+# ------------------------------------------------------------------------- mlflow
+class MlflowParams(Section):
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"  # MLFLOW_TRACKING_URI wins when set
+    artifact_root: str = "mlruns/artifacts"
+    experiment: str = "bone-health"
+
+
+class Params(Section):
+    data: DataParams = Field(default_factory=DataParams)
+    phantom: PhantomParams = Field(default_factory=PhantomParams)
+    prepare: PrepareParams = Field(default_factory=PrepareParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    gradcam: GradcamParams = Field(default_factory=GradcamParams)
+    tune: TuneParams = Field(default_factory=TuneParams)
+    register: RegisterParams = Field(default_factory=RegisterParams)
+    mlflow: MlflowParams = Field(default_factory=MlflowParams)
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if self.data.classes is not None and self.data.positive_class not in self.data.classes:
+            raise ValueError(
+                f"data.positive_class {self.data.positive_class!r} is not one of data.classes {self.data.classes}"
+            )
+        return self
+
+
+# ------------------------------------------------------------------ loading logic
+def _allowed_keys(model_cls: type[BaseModel], loc: tuple) -> list[str]:
+    cls = model_cls
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part)) if isinstance(cls, type) else None
+        ann = getattr(field, "annotation", None) if field else None
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cls = ann
+        else:
+            return []
+    return sorted(cls.model_fields)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = tuple(p for p in first["loc"] if not isinstance(p, int) or len(first["loc"]) == 1)
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(Params, loc)
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{source}: unknown key {key!r}{hint}; allowed: {', '.join(allowed)}"
+    msg = first["msg"]
+    if first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+        return f"{source}: {msg}" if key == "<root>" else f"{source}: {key}: {msg}"
+    return f"{source}: {key}: {msg} (got {first.get('input')!r})"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=0.01' -> (['train', 'lr'], 0.01); the value is read as YAML, like dvc -S."""
+    if "=" not in text:
+        raise ParamsError(f"--set {text!r}: expected section.key=value")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if ":" in key:  # dvc also accepts 'params.yaml:train.lr'
+        key = key.split(":", 1)[1]
+    parts = [p for p in key.split(".") if p]
+    if len(parts) < 2:
+        raise ParamsError(f"--set {text!r}: expected section.key=value (e.g. train.lr=0.001)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"--set {text!r}: value is not valid YAML ({exc.problem})") from None
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ParamsError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
+    """Read, override and validate; every failure is a one-line ParamsError."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ParamsError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections (data, prepare, train, ...)")
+    return params_from_dict(apply_overrides(raw, overrides), source=str(path))
+
+
+def params_from_dict(raw: dict, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_error(err, source)) from None
+
+
+def add_params_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one parameter, same spelling as `dvc exp run -S` (repeatable)",
+    )
+    return parser
+
+
+def params_from_args(args: argparse.Namespace) -> Params:
+    return load_params(args.params, args.overrides)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested params -> {'train.lr': 0.001, ...} for MLflow and dvc-style display."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, dict) and value:
+                out.update(flatten(value, name))
+            else:
+                out[name] = value
+    else:
+        out[prefix] = obj
+    return out
