@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -57,6 +58,24 @@ class PhantomParams(Section):
     height: int = Field(512, ge=128, le=2048)
     separation: float = Field(1.0, ge=0.0)
     bit_depth: Literal[8, 16] = 8
+    field_width_mm: float = Field(290.0, gt=0)  # detector width: 0.1 mm/px at 2900 px
+    cortical_width_mm: tuple[float, float] = (1.5, 5.0)  # [most osteoporotic, healthiest]
+    nuisance: float = Field(1.0, ge=0.0, le=3.0)
+    box_side: Literal["random", "left", "right"] = "random"
+
+    @model_validator(mode="after")
+    def _panoramic_shape(self):
+        if not 0.45 <= self.height / self.width <= 0.75:
+            raise ValueError(
+                f"phantom.height/phantom.width must be between 0.45 and 0.75 (a panoramic layout), "
+                f"got {self.height}/{self.width}"
+            )
+        lo, hi = self.cortical_width_mm
+        if not 0 < lo < hi:
+            raise ValueError(f"phantom.cortical_width_mm must be [low, high] with 0 < low < high, got {[lo, hi]}")
+        if len(set(self.classes)) != 2:
+            raise ValueError(f"phantom.classes must name two different folders, got {self.classes}")
+        return self
 
 
 # ------------------------------------------------------------------------ prepare
@@ -82,6 +101,7 @@ class CropParams(Section):
 class RollingBallParams(Section):
     enabled: bool = False
     radius: int = Field(50, ge=1)
+    shrink: Optional[int] = Field(None, ge=1, le=16)  # None: ImageJ's factor for the radius; 1: exact (slow)
 
 
 class ClaheParams(Section):
@@ -99,6 +119,7 @@ class PrepareParams(Section):
     clahe: ClaheParams = Field(default_factory=ClaheParams)
     dtype: Literal["uint8", "uint16"] = "uint8"
     fold_seed: int = 42
+    workers: int = Field(1, ge=1, le=64)  # decode+preprocess processes; rows are written in file order
 
 
 # -------------------------------------------------------------------------- train
@@ -168,33 +189,96 @@ class GradcamParams(Section):
     target_layer: Optional[str] = None
     masks: Optional[str] = "data/phantom_masks"
     alpha: float = Field(0.4, ge=0.0, le=1.0)
+    target: Literal["predicted", "true", "positive"] = "predicted"
+    perturbation: Literal["road", "confidence_change", "none"] = "road"
+    road_percentiles: list[int] = Field(default_factory=lambda: [20, 40, 60, 80], min_length=1)
+    batch_size: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _percentiles(self):
+        if not all(0 < p < 100 for p in self.road_percentiles):
+            raise ValueError("road_percentiles: each must be between 1 and 99")
+        return self
 
 
 # --------------------------------------------------------------------------- tune
+class SpaceEntry(Section):
+    """One searched parameter: `train.lr: {type: float, low: 1e-4, high: 3e-3, log: true}`."""
+    type: Literal["float", "int", "categorical"]
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+    step: Optional[float] = Field(None, gt=0)
+    choices: Optional[list[Any]] = None
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical entry needs a non-empty 'choices' list")
+            if self.low is not None or self.high is not None:
+                raise ValueError("a categorical entry takes 'choices', not low/high")
+        else:
+            if self.low is None or self.high is None or self.low >= self.high:
+                raise ValueError(f"a {self.type} entry needs numbers low < high")
+            if self.log and self.low <= 0:
+                raise ValueError("a log-scaled entry needs low > 0")
+            if self.log and self.step is not None:
+                raise ValueError("'step' and 'log: true' cannot be combined (Optuna refuses it)")
+            if self.choices is not None:
+                raise ValueError(f"a {self.type} entry takes low/high, not 'choices'")
+        return self
+
+
 class TuneParams(Section):
     out: str = "tune"
     study_name: str = "bone-health"
-    storage: Optional[str] = None  # None: a journal file under `out`
+    storage: Optional[str] = None  # None: a journal file under `out`; or sqlite:/postgresql:/mysql: URL
     n_trials: int = Field(20, ge=1)
     timeout: Optional[float] = Field(None, gt=0)
+    n_workers: int = Field(1, ge=1)
     sampler_seed: int = 0
+    n_startup_trials: int = Field(5, ge=0)  # random trials before TPE models the space
     pruner: Literal["wilcoxon", "median", "none"] = "wilcoxon"
+    # With 5 folds a one-sided Wilcoxon test cannot go below p=0.125 after 3 folds, so 0.1
+    # would never prune before fold 4; 0.2 lets a trial that lost every one of 3 folds stop.
+    pruner_p_threshold: float = Field(0.2, gt=0.0, lt=1.0)
+    pruner_startup_steps: int = Field(2, ge=1)
     objective: Literal["val_auc", "test_auc"] = "val_auc"
     epochs: Optional[int] = Field(None, ge=1)
-    space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    heartbeat_interval: float = Field(10.0, gt=0)
+    grace_period: float = Field(60.0, gt=0)
+    max_retry: int = Field(2, ge=0)
+    keep_checkpoints: bool = False
+    space: dict[str, SpaceEntry] = Field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------- register
 class GateParams(Section):
     metric: str = "oof_roc_auc"
+    direction: Literal["maximize", "minimize"] = "maximize"
     min_gain: float = Field(0.0, ge=0.0)
+    sensitivity_metric: str = "oof_sensitivity"
     max_sensitivity_drop: float = Field(0.02, ge=0.0, le=1.0)
 
 
 class RegisterParams(Section):
     name: str = "bone-health"
     strategy: Literal["ensemble", "refit"] = "ensemble"
+    out: str = "reports/register"
+    challenger_alias: str = Field("challenger", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    champion_alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    batch_size: int = Field(16, ge=1)
+    example_size: tuple[int, int] = (256, 512)
     gate: GateParams = Field(default_factory=GateParams)
+
+    @model_validator(mode="after")
+    def _distinct_aliases(self):
+        if self.challenger_alias == self.champion_alias:
+            raise ValueError("register.challenger_alias and register.champion_alias must differ")
+        if min(self.example_size) < 16:
+            raise ValueError("register.example_size must be [height, width] with both >= 16")
+        return self
 
 
 # ------------------------------------------------------------------------- mlflow
@@ -202,6 +286,10 @@ class MlflowParams(Section):
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"  # MLFLOW_TRACKING_URI wins when set
     artifact_root: str = "mlruns/artifacts"
     experiment: str = "bone-health"
+
+
+# `register` is also ABCMeta.register on the class; as a field it is only ever read as data.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
 class Params(Section):
@@ -221,7 +309,19 @@ class Params(Section):
             raise ValueError(
                 f"data.positive_class {self.data.positive_class!r} is not one of data.classes {self.data.classes}"
             )
+        for key in self.tune.space:
+            if not _is_leaf_path(self, key):
+                raise ValueError(f"tune.space: {key!r} is not a parameter (expected e.g. train.lr)")
         return self
+
+
+def _is_leaf_path(model: BaseModel, dotted: str) -> bool:
+    node: Any = model
+    for part in dotted.split("."):
+        if not isinstance(node, BaseModel) or part not in type(node).model_fields:
+            return False
+        node = getattr(node, part)
+    return not isinstance(node, BaseModel)
 
 
 # ------------------------------------------------------------------ loading logic
@@ -337,3 +437,15 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     else:
         out[prefix] = obj
     return out
+
+
+def with_values(params: Params, values: dict[str, Any], source: str = "overrides") -> Params:
+    """A re-validated copy of `params` with dotted keys set, e.g. {'train.lr': 3e-4}."""
+    raw = params.model_dump(mode="json")
+    for key, value in values.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return params_from_dict(raw, source=source)

@@ -1,0 +1,215 @@
+"""Predict new radiographs: `python -m src.predict FILE_OR_FOLDER... [--model URI] [--cam DIR] [--json] [--box x,y,w,h]`.
+
+Uses the same `Ensemble` as the registered pyfunc (src/pyfunc_model.py), so a file predicted
+here gets the probabilities that `mlflow models serve` returns for its bytes.  Each file is
+decoded and preprocessed on its own: an unreadable one becomes an error row and the others
+are still predicted (exit status 1 then, 0 when all succeeded).
+
+--model takes `models:/name@alias` (default: register.name @ register.champion_alias), any
+MLflow model URI, a downloaded model folder, a `train.out` folder or one checkpoint folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from src.cli import run_main
+from src.config import Params, add_params_args, params_from_args
+from src.errors import BoneHealthError
+from src.pyfunc_model import Box, Ensemble, checkpoint_dirs, parse_box, prob_column
+
+FILE_COLUMN = "file"
+ERROR_COLUMN = "error"
+
+
+@dataclass
+class Prediction:
+    file: str
+    probs: dict[str, float] = field(default_factory=dict)
+    predicted: str | None = None
+    error: str | None = None
+    cam: str | None = None
+    array: np.ndarray | None = field(default=None, repr=False, compare=False)  # prepared input, for --cam
+
+    def row(self) -> dict[str, Any]:
+        out: dict[str, Any] = {FILE_COLUMN: self.file, "predicted": self.predicted}
+        out.update({prob_column(c): p for c, p in self.probs.items()})
+        if self.cam:
+            out["cam"] = self.cam
+        out[ERROR_COLUMN] = self.error
+        return out
+
+
+def default_model(params: Params) -> str:
+    return f"models:/{params.register.name}@{params.register.champion_alias}"
+
+
+def expand_inputs(paths: Iterable[str | Path], extensions: Iterable[str]) -> list[Path]:
+    """Files as given (whatever their extension: the decoder judges them), folders walked
+    recursively for the ingestion extensions, in a stable order; missing paths are kept so
+    they are reported like any unreadable file."""
+    exts = {e.lower() for e in extensions}
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            out.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in exts
+                              and not p.name.startswith(".")))
+        else:
+            out.append(path)
+    return out
+
+
+def load_ensemble(params: Params, model: str | None = None) -> Ensemble:
+    """Checkpoints behind `model` loaded into memory (a downloaded copy is removed afterwards)."""
+    ref = model or default_model(params)
+    if not Path(ref).exists():
+        import mlflow
+
+        from src.tracking import tracking_uri
+
+        # Only point MLflow at the store; creating the experiment is the training stages' job.
+        mlflow.set_tracking_uri(tracking_uri(params.mlflow))
+    with tempfile.TemporaryDirectory(prefix="predict-model-") as tmp:
+        dirs = checkpoint_dirs(ref, dst=tmp)
+        return Ensemble(dirs, batch_size=params.register.batch_size)
+
+
+def predict_files(ensemble: Ensemble, files: list[Path], box: Box | None = None) -> list[Prediction]:
+    """One Prediction per file, in order; decode/preprocess failures become error rows."""
+    results = [Prediction(file=str(f)) for f in files]
+    arrays: list[np.ndarray] = []
+    ok: list[int] = []
+    for i, path in enumerate(files):
+        try:
+            arrays.append(ensemble.prepare_file(path, box))
+            ok.append(i)
+        except BoneHealthError as exc:
+            results[i].error = _one_line(exc, path)
+        except (OSError, ValueError, MemoryError) as exc:  # decoders' own surprises: still per file
+            results[i].error = f"{path}: {type(exc).__name__}: {exc}"
+    probs = ensemble.predict_prepared(arrays)
+    classes = ensemble.classes
+    for i, p in zip(ok, probs):
+        results[i].probs = {c: float(v) for c, v in zip(classes, p)}
+        results[i].predicted = classes[int(np.argmax(p))]
+    for i, arr in zip(ok, arrays):
+        results[i].array = arr
+    return results
+
+
+def _one_line(exc: Exception, path: Path) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text if str(path) in text or path.name in text else f"{path}: {text}"
+
+
+def write_cams(ensemble: Ensemble, results: list[Prediction], out_dir: Path, params: Params) -> None:
+    """Grad-CAM overlay per predicted file: the mean of the fold models' maps for the class the
+    ensemble predicted (as `python -m src.gradcam --image` does), written to out_dir/<name>_cam.png."""
+    from src.cam import explain_image
+    from src.cam_figures import save_overlay
+
+    cfg = params.gradcam
+    classes = ensemble.classes
+    taken: set[str] = set()
+    for res in results:
+        arr = res.array
+        if res.error or arr is None:
+            continue
+        if cfg.target == "positive" and ensemble.positive_class in classes:
+            target = classes.index(ensemble.positive_class)
+        else:  # "true" has no meaning for a new radiograph: explain the prediction
+            target = classes.index(res.predicted)
+        try:
+            cams = [explain_image(model, meta, arr, cfg.method, cfg.target_layer, target=target,
+                                  batch_size=cfg.batch_size)[0]
+                    for model, meta in zip(ensemble.models, ensemble.metas)]
+            cam = np.mean(cams, axis=0)
+            cam = cam / cam.max() if cam.max() > 0 else cam
+            name = _unique(Path(res.file).stem + "_cam.png", taken)
+            path = save_overlay(out_dir / name, arr, cam, pred_class=res.predicted, prob=res.probs[res.predicted],
+                                alpha=cfg.alpha, method=cfg.method,
+                                note=f"{Path(res.file).name}, mean of {len(ensemble.models)} model(s)")
+            res.cam = str(path)
+        except BoneHealthError as exc:
+            res.error = f"{res.file}: Grad-CAM failed: {str(exc).splitlines()[0]}"
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    stem, suffix = name.rsplit(".", 1)
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{stem}_{n}.{suffix}"
+    taken.add(candidate)
+    return candidate
+
+
+def results_frame(results: list[Prediction], classes: list[str]) -> pd.DataFrame:
+    columns = [FILE_COLUMN, "predicted", *[prob_column(c) for c in classes]]
+    if any(r.cam for r in results):
+        columns.append("cam")
+    columns.append(ERROR_COLUMN)
+    return pd.DataFrame([r.row() for r in results], columns=columns)
+
+
+def format_table(frame: pd.DataFrame) -> str:
+    shown = frame.copy()
+    for col in shown.columns:
+        if col.startswith("prob_"):
+            shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
+    shown = shown.fillna("")
+    if not shown[ERROR_COLUMN].astype(bool).any():
+        shown = shown.drop(columns=[ERROR_COLUMN])
+    return shown.to_string(index=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m src.predict",
+                                     description="Predict raw radiographs (PNG, JPEG, TIFF, BMP, DICOM) with a registered model.")
+    parser.add_argument("inputs", nargs="+", metavar="FILE_OR_FOLDER")
+    parser.add_argument("--model", default=None,
+                        help="models:/name@alias (default: register.name@register.champion_alias), "
+                             "an MLflow model folder, train.out or one checkpoint folder")
+    parser.add_argument("--cam", type=Path, default=None, metavar="DIR", help="write Grad-CAM overlays here")
+    parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    parser.add_argument("--box", default=None, metavar="x,y,w,h",
+                        help="crop box in source pixels for every file (crop-mode models)")
+    add_params_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    params = params_from_args(args)
+    box = parse_box(args.box, "--box") if args.box else None
+    files = expand_inputs(args.inputs, params.data.extensions)
+    if not files:
+        raise BoneHealthError(f"{', '.join(args.inputs)}: no image files found (extensions {params.data.extensions})")
+    ensemble = load_ensemble(params, args.model)
+    results = predict_files(ensemble, files, box)
+    if args.cam is not None:
+        write_cams(ensemble, results, args.cam, params)
+    frame = results_frame(results, ensemble.classes)
+    if args.json:
+        records = json.loads(frame.to_json(orient="records"))
+        print(json.dumps(records, indent=2))
+    else:
+        print(format_table(frame))
+    failed = [r for r in results if r.error]
+    for r in failed:
+        print(f"error: {r.error}", file=sys.stderr)
+    print(f"{len(results) - len(failed)} of {len(results)} file(s) predicted", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

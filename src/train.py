@@ -1,0 +1,280 @@
+"""`python -m src.train`: K-fold cross-validation, every fold an MLflow run.
+
+One parent run per CV (named like the lab's folders: model, dataset, mode+size, batch,
+epochs) carries every parameter and the aggregated metrics; one nested run per fold
+carries the per-epoch curves, the test-fold metrics and the chosen checkpoint.
+
+Resume: `{train.out}/cv_state.json` records the parent run, each finished fold (run id
+and figures) and the fold in progress.  A rerun with the same parameters and data
+continues from the first unfinished fold, marks the run of the interrupted fold KILLED
+(it is not counted), and reuses the finished folds' checkpoints and predictions.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from src import tracking
+from src.cli import run_main
+from src.config import Params, add_params_args, flatten, params_from_args
+from src.errors import BoneHealthError
+from src.fileio import atomic_write_json
+from src.metrics import auc_score, classification_metrics
+from src.models import CHECKPOINT_FILE, META_FILE
+from src.store import PreparedStore
+from src.trainer import PREDICTIONS_FILE, FoldResult, input_size, select_device, train_fold
+
+CV_FILE = "cv.json"
+STATE_FILE = "cv_state.json"
+EPOCH_METRICS = ("train_loss", "val_loss", "val_auc", "lr", "images_per_s")
+# Names of data folders that say nothing about the dataset; the parent folder names it instead.
+_GENERIC_DIRS = {"images", "image", "raw", "data", "png", "dicom", "img"}
+
+
+# ----------------------------------------------------------------------------- naming
+def dataset_name(params: Params) -> str:
+    if params.data.name:
+        return params.data.name
+    root = Path(params.data.root)
+    parts = [p for p in root.parts if p not in ("", ".", "/")]
+    for part in reversed(parts):
+        if part.lower() not in _GENERIC_DIRS:
+            return part
+    return root.name or "dataset"
+
+
+def run_name(params: Params, store: PreparedStore) -> str:
+    """The lab's folder naming: model, dataset, mode+size, batch, epochs."""
+    h, w = input_size(params.train, store)
+    size = f"{h}" if h == w else f"{h}x{w}"
+    mode = store.meta.get("mode", params.prepare.mode)
+    cfg = params.train
+    return f"{cfg.model}_{dataset_name(params)}_{mode}{size}_b{cfg.batch_size}_e{cfg.epochs}"
+
+
+def fingerprint(params: Params, store: PreparedStore) -> str:
+    """What makes finished folds reusable: the training settings and the exact data."""
+    train = params.train.model_dump(mode="json")
+    for key in ("out", "num_workers"):  # where results go and how fast they come don't change them
+        train.pop(key, None)
+    payload = {
+        "train": train,
+        "threshold": params.evaluate.threshold,
+        "manifest_sha256": store.meta.get("manifest_sha256"),
+        "n_images": int(len(store.images)),
+        "classes": store.classes,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- state
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _fold_complete(fold_dir: Path) -> bool:
+    return all((fold_dir / name).is_file() for name in (CHECKPOINT_FILE, META_FILE, PREDICTIONS_FILE))
+
+
+def _mark_killed(client, run_id: str | None) -> bool:
+    """KILLED for a run a dead process left RUNNING; finished/failed runs stay as they are."""
+    if not run_id:
+        return False
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # deleted, or another tracking store
+        return False
+    if run.info.status == "RUNNING":
+        client.set_tag(run_id, "bone_health.interrupted", "true")
+        client.set_terminated(run_id, status="KILLED")
+        return True
+    return False
+
+
+def _kill_orphans(client, experiment_id: str, parent_id: str) -> list[str]:
+    """Child runs of `parent_id` still RUNNING (their process died): mark them KILLED."""
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'")
+    return [r.info.run_id for r in runs if _mark_killed(client, r.info.run_id)]
+
+
+def _run_exists(client, run_id: str | None) -> bool:
+    if not run_id:
+        return False
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "active"
+    except Exception:
+        return False
+
+
+# ----------------------------------------------------------------------------- logging
+def _finite(metrics: dict[str, Any]) -> dict[str, float]:
+    """MLflow takes NaN, but a metric that is undefined (e.g. one-class split) reads better absent."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(float(v))}
+
+
+def test_metrics(result_predictions: pd.DataFrame, classes: list[str], positive: str, threshold: float) -> dict[str, float]:
+    probs = result_predictions[[f"prob_{c}" for c in classes]].to_numpy()
+    m = classification_metrics(result_predictions["label"].to_numpy(), probs, classes.index(positive), threshold)
+    return {f"test_{k}": v for k, v in m.items()}
+
+
+def _log_fold(mlflow, result: FoldResult, metrics: dict[str, float]) -> None:
+    mlflow.log_metrics(_finite({**metrics, "best_epoch": result.best_epoch, "best_val_auc": result.best_val_auc,
+                                "epochs_run": len(result.history), "fold_seconds": result.seconds}))
+    ckpt = Path(result.checkpoint_dir)
+    mlflow.log_artifact(str(ckpt / CHECKPOINT_FILE), artifact_path="checkpoint")
+    mlflow.log_artifact(str(ckpt / META_FILE), artifact_path="checkpoint")
+    mlflow.log_artifact(str(ckpt / PREDICTIONS_FILE))
+
+
+def aggregate(folds: dict[str, dict], classes: list[str], out: Path) -> dict[str, float]:
+    """Parent-run figures: mean/std over folds and the pooled out-of-fold AUC."""
+    out_metrics: dict[str, float] = {}
+    vals = [f["best_val_auc"] for f in folds.values()]
+    aucs = [f["metrics"].get("test_roc_auc", float("nan")) for f in folds.values()]
+    out_metrics["cv_val_auc_mean"] = float(np.nanmean(vals)) if vals else float("nan")
+    out_metrics["cv_test_roc_auc_mean"] = float(np.nanmean(aucs)) if aucs else float("nan")
+    out_metrics["cv_test_roc_auc_std"] = float(np.nanstd(aucs, ddof=1)) if len(aucs) > 1 else 0.0
+    pooled = pd.concat([pd.read_csv(out / f"fold_{k}" / PREDICTIONS_FILE) for k in folds], ignore_index=True)
+    out_metrics["cv_oof_roc_auc"] = auc_score(pooled["label"].to_numpy(),
+                                              pooled[[f"prob_{c}" for c in classes]].to_numpy())
+    out_metrics["cv_folds_finished"] = float(len(folds))
+    return out_metrics
+
+
+# ----------------------------------------------------------------------------- the stage
+def run_cv(params: Params, *, resume: bool = True) -> dict:
+    """Train every fold (or the unfinished ones) and write `{train.out}/cv.json`; returns it."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    cfg = params.train
+    store = PreparedStore.open(params.prepare.out)
+    if store.n_folds != cfg.folds:
+        raise BoneHealthError(
+            f"train.folds: {cfg.folds} but the prepared store {store.root} has {store.n_folds} folds; "
+            f"re-run prepare or set train.folds={store.n_folds}")
+    if store.positive_class not in store.classes:
+        raise BoneHealthError(f"{store.root}/meta.json: positive_class {store.positive_class!r} not in {store.classes}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = select_device(cfg.device)
+    experiment_id = tracking.configure(params.mlflow)
+    client = MlflowClient()
+    fp = fingerprint(params, store)
+
+    previous = _read_json(out / STATE_FILE)
+    state = previous if (resume and previous and previous.get("fingerprint") == fp
+                         and _run_exists(client, previous.get("parent_run_id"))) else None
+    if previous and state is None:
+        # Not resumable (new params, new data, or --no-resume): close what the old run left open.
+        _mark_killed(client, (previous.get("running") or {}).get("run_id"))
+        _mark_killed(client, previous.get("parent_run_id"))
+    if state is not None:
+        killed = [r for r in [(state.get("running") or {}).get("run_id")] if _mark_killed(client, r)]
+        killed += _kill_orphans(client, experiment_id, state["parent_run_id"])
+        if killed:
+            print(f"resume: marked interrupted fold run(s) KILLED: {', '.join(sorted(set(killed)))}", file=sys.stderr)
+        state["running"] = None
+        cv = _read_json(out / CV_FILE)
+        if cv and cv.get("status") == "FINISHED" and cv.get("parent_run_id") == state["parent_run_id"] \
+                and len(state["folds"]) == cfg.folds and all(_fold_complete(out / f"fold_{k}") for k in range(cfg.folds)):
+            print(f"train: all {cfg.folds} folds already finished (parent run {cv['parent_run_id']})", file=sys.stderr)
+            return cv
+    else:
+        for stale in out.glob("fold_*"):
+            if stale.is_dir() and re.fullmatch(r"fold_\d+", stale.name):
+                shutil.rmtree(stale)
+        tags = {
+            "git_commit": tracking.git_commit(),
+            "manifest_sha256": str(store.meta.get("manifest_sha256", "")),
+            "dataset": dataset_name(params),
+            "device": str(device),
+            "model": cfg.model,
+            "store": str(store.root),
+            "mode": str(store.meta.get("mode", "")),
+        }
+        parent = client.create_run(experiment_id, run_name=run_name(params, store), tags=tags)
+        state = {"fingerprint": fp, "parent_run_id": parent.info.run_id, "folds": {}, "running": None,
+                 "sessions": 0}
+    (out / CV_FILE).unlink(missing_ok=True)  # a cv.json that is present is a finished one
+    atomic_write_json(out / STATE_FILE, state)
+
+    classes, positive = store.classes, store.positive_class
+    started = time.perf_counter()
+    with mlflow.start_run(run_id=state["parent_run_id"]) as parent:
+        state["sessions"] = int(state.get("sessions", 0)) + 1
+        if state["sessions"] == 1:
+            tracking.log_params_flat(flatten(params))
+        else:
+            mlflow.set_tag("resumed_sessions", str(state["sessions"] - 1))
+        for k in range(cfg.folds):
+            fold_dir = out / f"fold_{k}"
+            if str(k) in state["folds"] and _fold_complete(fold_dir):
+                print(f"fold {k}: reusing finished fold (run {state['folds'][str(k)]['run_id']})", file=sys.stderr)
+                continue
+            with mlflow.start_run(run_name=f"fold_{k}", nested=True, tags={"fold": str(k)}) as child:
+                state["running"] = {"fold": k, "run_id": child.info.run_id}
+                atomic_write_json(out / STATE_FILE, state)
+                mlflow.log_params({"fold": k, "parent_run_name": parent.info.run_name})
+
+                def log_epoch(epoch: int, record: dict) -> None:
+                    mlflow.log_metrics(_finite({m: record[m] for m in EPOCH_METRICS}), step=epoch)
+
+                result = train_fold(params, store, k, fold_dir, epoch_callback=log_epoch, device=device,
+                                    extra_meta={"mlflow_run_id": child.info.run_id,
+                                                "parent_run_id": state["parent_run_id"]})
+                mlflow.log_params({f"n_{part}": n for part, n in result.split_sizes.items()})
+                metrics = test_metrics(result.test_predictions, classes, positive, params.evaluate.threshold)
+                _log_fold(mlflow, result, metrics)
+            state["folds"][str(k)] = {
+                "run_id": child.info.run_id, "best_epoch": result.best_epoch,
+                "best_val_auc": result.best_val_auc, "seconds": result.seconds, "metrics": metrics,
+            }
+            state["running"] = None
+            atomic_write_json(out / STATE_FILE, state)
+        summary = aggregate(state["folds"], classes, out)
+        mlflow.log_metrics(_finite({**summary, "cv_seconds_this_session": time.perf_counter() - started}))
+    cv = {
+        "parent_run_id": state["parent_run_id"],
+        "fold_run_ids": {str(k): state["folds"][str(k)]["run_id"] for k in range(cfg.folds)},
+        "folds": cfg.folds,
+        "status": "FINISHED",
+        "run_name": run_name(params, store),
+        "metrics": summary,
+    }
+    atomic_write_json(out / CV_FILE, cv)
+    return cv
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_params_args(argparse.ArgumentParser(prog="python -m src.train", description=__doc__.splitlines()[0]))
+    parser.add_argument("--no-resume", action="store_true", help="start a new CV even if finished folds match")
+    args = parser.parse_args(argv)
+    params = params_from_args(args)
+    cv = run_cv(params, resume=not args.no_resume)
+    m = cv.get("metrics", {})
+    print(f"train: {cv['folds']} folds finished, parent run {cv['parent_run_id']} ({cv.get('run_name')}); "
+          f"pooled OOF AUC {m.get('cv_oof_roc_auc', float('nan')):.4f}, "
+          f"fold test AUC {m.get('cv_test_roc_auc_mean', float('nan')):.4f} ± {m.get('cv_test_roc_auc_std', float('nan')):.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

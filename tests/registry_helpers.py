@@ -1,0 +1,161 @@
+"""Inputs of the register stage built by hand: tiny fold checkpoints, a CV parent run in a
+tmp SQLite MLflow store, metrics.json, and small radiograph files (PNG, DICOM)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from src.config import Params, PrepareParams, params_from_dict
+from src.models import create_model, save_checkpoint
+
+CLASSES = ["C1", "C3"]
+MODEL = "test_efficientnet"
+GOOD_METRICS = {
+    "oof_roc_auc": 0.81, "oof_roc_auc_ci_low": 0.74, "oof_roc_auc_ci_high": 0.88,
+    "oof_sensitivity": 0.78, "oof_specificity": 0.74, "oof_brier": 0.17, "oof_ece": 0.05,
+    "fold_mean_roc_auc": 0.80, "fold_std_roc_auc": 0.04,
+}
+
+
+def make_params(tmp: Path, mode: str = "full", **register) -> Params:
+    """Every path of the pipeline inside `tmp`; a 32 px full-mode (or crop-mode) preprocessing."""
+    raw = {
+        "data": {"root": str(tmp / "data" / "images"), "name": "toy"},
+        "phantom": {"out": str(tmp / "data" / "phantom")},
+        "prepare": prepare_section(mode),
+        "train": {"out": str(tmp / "models"), "model": MODEL, "folds": 2},
+        "evaluate": {"out": str(tmp / "reports")},
+        "gradcam": {"out": str(tmp / "reports" / "gradcam")},
+        "register": {"out": str(tmp / "reports" / "register"), "example_size": [48, 96], **register},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}",
+                   "artifact_root": str(tmp / "mlruns" / "artifacts"), "experiment": "test"},
+    }
+    return params_from_dict(raw)
+
+
+def prepare_section(mode: str = "full") -> dict:
+    return {"out": "unused", "mode": mode, "full": {"downscale": None, "size": [32, 32]},
+            "crop": {"side": 40, "reference_width": None, "size": 32}}
+
+
+def checkpoint_meta(params: Params, fold: int) -> dict:
+    """Meta as src.trainer.checkpoint_meta writes it (store meta copied under 'preprocessing')."""
+    prep = PrepareParams.model_validate(params.prepare.model_dump()).model_dump(mode="json")
+    return {
+        "model": MODEL, "in_chans": 1, "num_classes": len(CLASSES), "classes": CLASSES,
+        "positive_class": "C3", "input_size": [32, 32], "normalization": {"mean": 0.5, "std": 0.25},
+        "preprocessing": {"mode": prep["mode"], "size": [32, 32], "dtype": "uint8", "preprocessing": prep,
+                          "data_root": params.data.root, "manifest_sha256": "ab" * 32},
+        "fold": fold, "drop_rate": 0.0, "best_epoch": 2 + fold, "val_auc": 0.8,
+    }
+
+
+def make_checkpoints(params: Params, folds: int = 2, seed: int = 0) -> list[Path]:
+    """`folds` differently initialised tiny EfficientNets saved like training does."""
+    out = []
+    for k in range(folds):
+        torch.manual_seed(seed * 100 + k)
+        model = create_model(MODEL, num_classes=len(CLASSES), in_chans=1)
+        # Random BN statistics make the folds disagree visibly, so a wrong mean would show.
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+        d = Path(params.train.out) / f"fold_{k}"
+        save_checkpoint(d, model, checkpoint_meta(params, k))
+        (d / "test_predictions.csv").write_text("index,file,patient\n0,secret/patient.png,P001\n")
+        out.append(d)
+    return out
+
+
+def make_cv_run(params: Params, folds: int = 2) -> str:
+    """A finished CV parent run in the tmp store and the cv.json that points at it."""
+    import mlflow
+
+    from src.tracking import configure
+
+    configure(params.mlflow)
+    with mlflow.start_run(run_name="cv-parent") as run:
+        mlflow.log_metric("oof_roc_auc", 0.8)
+    cv = {"parent_run_id": run.info.run_id, "fold_run_ids": {str(k): f"run{k}" for k in range(folds)},
+          "folds": folds, "status": "FINISHED"}
+    path = Path(params.train.out) / "cv.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cv))
+    return run.info.run_id
+
+
+def write_metrics(params: Params, **overrides: float) -> dict:
+    metrics = {**GOOD_METRICS, **overrides}
+    path = Path(params.evaluate.out) / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics))
+    return metrics
+
+
+def make_pipeline_outputs(params: Params, folds: int = 2, seed: int = 0, **metrics: float) -> list[Path]:
+    dirs = make_checkpoints(params, folds=folds, seed=seed)
+    make_cv_run(params, folds=folds)
+    write_metrics(params, **metrics)
+    return dirs
+
+
+def radiograph(height: int = 96, width: int = 160, seed: int = 0) -> np.ndarray:
+    """A grey uint8 image with structure (so predictions depend on it), not a flat field."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    band = np.exp(-((yy - height * (0.6 + 0.1 * rng.random())) / (height * 0.08)) ** 2)
+    img = 0.3 + 0.5 * band + 0.1 * np.sin(xx / (5 + 10 * rng.random())) + 0.05 * rng.standard_normal((height, width))
+    return np.clip(img * 255, 0, 255).astype(np.uint8)
+
+
+def write_png(path: Path, img: np.ndarray) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+    return path
+
+
+def write_dicom(path: Path, img16: np.ndarray) -> Path:
+    """A minimal valid MONOCHROME2 16-bit DICOM (Secondary Capture) with pixel data."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "PX"
+    ds.PatientID = "PHANTOM"
+    ds.Rows, ds.Columns = img16.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.PixelData = np.ascontiguousarray(img16.astype(np.uint16)).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+def expected_probs(dirs: list[Path], image: np.ndarray, box=None) -> np.ndarray:
+    """The reference: each fold checkpoint on the training transform of `image`, averaged."""
+    from src.models import load_checkpoint, predict_proba
+    from src.preprocess import preprocess_image
+
+    probs = []
+    for d in dirs:
+        model, meta = load_checkpoint(d)
+        prep = meta["preprocessing"]["preprocessing"]
+        arr, _ = preprocess_image(image, prep, box)
+        probs.append(predict_proba(model, arr[None], meta)[0])
+    return np.mean(probs, axis=0)

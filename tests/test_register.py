@@ -1,0 +1,246 @@
+"""register -> a pyfunc version with alias challenger and its tags; the gate of promote."""
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from registry_helpers import (GOOD_METRICS, expected_probs, make_params, make_pipeline_outputs, radiograph,
+                              write_metrics, write_png)
+from src.errors import BoneHealthError
+from src.imaging import read_image
+from src.promote import main as promote_main
+from src.promote import promote, rollback
+from src.register import register
+from src.tracking import configure
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+@pytest.fixture(scope="module")
+def registered_once(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reg")
+    params = make_params(tmp)
+    dirs = make_pipeline_outputs(params)
+    result = register(params)
+    return params, dirs, result, tmp
+
+
+@pytest.fixture
+def registered(registered_once):
+    configure(registered_once[0].mlflow)  # other tests point MLflow at their own stores
+    return registered_once
+
+
+def test_register_creates_challenger_with_tags_and_card(registered):
+    params, dirs, result, tmp = registered
+    client = MlflowClient()
+    mv = client.get_model_version_by_alias("bone-health", "challenger")
+    assert str(mv.version) == result.version == "1"
+    tags = mv.tags
+    assert float(tags["metric.oof_roc_auc"]) == pytest.approx(0.81)
+    assert float(tags["metric.oof_roc_auc_ci_low"]) == pytest.approx(0.74)
+    assert float(tags["metric.oof_roc_auc_ci_high"]) == pytest.approx(0.88)
+    assert float(tags["metric.oof_sensitivity"]) == pytest.approx(0.78)
+    cv = json.loads((Path(params.train.out) / "cv.json").read_text())
+    assert tags["cv_parent_run_id"] == cv["parent_run_id"]
+    assert tags["manifest_sha256"] == "ab" * 32  # from the checkpoint's copy of the store meta
+    assert tags["git_commit"] and tags["strategy"] == "ensemble" and tags["n_models"] == "2"
+    assert json.loads(tags["params"])["train.model"] == "test_efficientnet"
+    assert json.loads(tags["classes"]) == ["C1", "C3"]
+    assert tags["model_card"] == f"runs:/{mv.run_id}/model_card/model_card.md"
+
+    # The version's run sits under the CV parent and carries the card and the CV metrics.
+    run = client.get_run(mv.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == cv["parent_run_id"]
+    assert run.data.metrics["oof_roc_auc"] == pytest.approx(0.81)
+    card = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="model_card/model_card.md",
+                                                    dst_path=str(tmp / "card"))).read_text()
+    assert "not a diagnosis" in card.lower()
+    assert "| oof_roc_auc | 0.8100 | 0.7400 | 0.8800 |" in card
+    assert "oof_brier: 0.1700" in card and "oof_ece: 0.0500" in card
+    assert "Grad-CAM faithfulness" in card and "Not available" in card
+    assert "## Limitations" in card and "v1" in card.splitlines()[0]
+    local = Path(params.register.out)
+    assert (local / "model_card.md").read_text() == card
+    assert json.loads((local / "registered.json").read_text())["version"] == "1"
+    metadata = json.loads((local / "metadata.json").read_text())
+    assert metadata["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "C1", "1": "C3"}
+    assert metadata["intended_use"].startswith("Research screening aid")
+
+
+def test_model_holds_checkpoints_only_with_signature_and_requirements(registered):
+    params, dirs, result, tmp = registered
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=result.model_uri, dst_path=str(tmp / "dl")))
+    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    assert "artifacts/fold_0/model.pt" in files and "artifacts/fold_1/meta.json" in files
+    assert not any("test_predictions" in f for f in files)  # patient ids stay out of the model
+    assert "code/src/pyfunc_model.py" in files  # served without a checkout
+    reqs = (local / "requirements.txt").read_text().split()
+    assert any(r.startswith("torch==") for r in reqs) and any(r.startswith("timm==") for r in reqs)
+    info = mlflow.models.get_model_info(result.model_uri)
+    assert [c["name"] for c in info.signature.inputs.to_dict()] == ["image", "box_x", "box_y", "box_w", "box_h"]
+    assert [c["name"] for c in info.signature.outputs.to_dict()] == ["prob_C1", "prob_C3", "predicted"]
+    example = json.loads((local / "serving_input_example.json").read_text())
+    assert example["dataframe_split"]["columns"] == ["image"]
+
+
+def test_pyfunc_by_alias_is_mean_of_fold_checkpoints(registered):
+    params, dirs, result, tmp = registered
+    model = mlflow.pyfunc.load_model("models:/bone-health@challenger")
+    a = write_png(tmp / "a.png", radiograph(96, 160, seed=1))
+    b = write_png(tmp / "b.png", radiograph(120, 90, seed=2))  # another size: shapes still agree after prep
+    out = model.predict(pd.DataFrame({"image": [b64(a), b64(b)]}))
+    assert list(out.columns) == ["prob_C1", "prob_C3", "predicted"]
+    for i, path in enumerate((a, b)):
+        want = expected_probs(dirs, read_image(path))
+        np.testing.assert_allclose(out.loc[i, ["prob_C1", "prob_C3"]].to_numpy(dtype=float), want, rtol=1e-5, atol=1e-6)
+        assert out.loc[i, "predicted"] == ["C1", "C3"][int(np.argmax(want))]
+    single = expected_probs(dirs[:1], read_image(a))
+    assert not np.allclose(single, out.loc[0, ["prob_C1", "prob_C3"]].to_numpy(dtype=float), atol=1e-4)
+
+
+def test_pyfunc_rejects_bad_base64_naming_the_row(registered):
+    model = mlflow.pyfunc.load_model("models:/bone-health@challenger")
+    with pytest.raises(Exception, match=r"row 0: column 'image' is not valid base64"):
+        model.predict(pd.DataFrame({"image": ["***not base64***"]}))
+
+
+def test_crop_mode_model_uses_the_box(tmp_path):
+    params = make_params(tmp_path, mode="crop")
+    dirs = make_pipeline_outputs(params)
+    result = register(params)
+    model = mlflow.pyfunc.load_model(result.model_uri)
+    path = write_png(tmp_path / "r.png", radiograph(96, 160, seed=3))
+    box = (60.0, 50.0, 20.0, 16.0)
+    frame = pd.DataFrame({"image": [b64(path)], "box_x": [box[0]], "box_y": [box[1]], "box_w": [box[2]], "box_h": [box[3]]})
+    out = model.predict(frame)
+    want = expected_probs(dirs, read_image(path), box)
+    np.testing.assert_allclose(out.loc[0, ["prob_C1", "prob_C3"]].to_numpy(dtype=float), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="crop mode needs a box"):
+        model.predict(pd.DataFrame({"image": [b64(path)]}))
+
+
+def test_register_input_errors_are_one_line(tmp_path):
+    params = make_params(tmp_path)
+    with pytest.raises(BoneHealthError, match=r"cv\.json: cross-validation summary .*not found"):
+        register(params)
+    make_pipeline_outputs(params)
+    (Path(params.evaluate.out) / "metrics.json").write_text(json.dumps({"oof_sensitivity": 0.7}))
+    with pytest.raises(BoneHealthError, match=r"metrics\.json: metric 'oof_roc_auc' \(register\.gate\) is missing"):
+        register(params)
+    write_metrics(params)
+    with pytest.raises(BoneHealthError, match=r"register\.strategy=refit is not available"):
+        register(params, strategy="refit")
+    (Path(params.train.out) / "fold_1" / "model.pt").unlink()
+    with pytest.raises(BoneHealthError, match=r"fold_1/model\.pt: fold checkpoint missing"):
+        register(params)
+
+
+def test_register_refuses_a_parent_run_missing_from_the_store(tmp_path):
+    params = make_params(tmp_path)
+    make_pipeline_outputs(params)
+    cv_path = Path(params.train.out) / "cv.json"
+    cv = json.loads(cv_path.read_text())
+    cv["parent_run_id"] = "0" * 32
+    cv_path.write_text(json.dumps(cv))
+    with pytest.raises(BoneHealthError, match=r"parent run 0{32} is not in the tracking store"):
+        register(params)
+
+
+def _champion(client) -> str:
+    return str(client.get_model_version_by_alias("bone-health", "champion").version)
+
+
+def test_promote_gate_force_and_rollback(tmp_path, capsys):
+    params = make_params(tmp_path)
+    make_pipeline_outputs(params)
+    client_versions = []
+
+    def register_with(**metrics):
+        write_metrics(params, **metrics)
+        client_versions.append(register(params).version)
+        return client_versions[-1]
+
+    v1 = register_with()  # auc 0.81, sensitivity 0.78
+    first = promote(params)
+    assert first.moved and first.action == "first" and first.champion == v1
+    client = MlflowClient()
+    assert _champion(client) == v1
+
+    v2 = register_with(oof_roc_auc=0.79)  # worse: refused
+    outcome = promote(params)
+    assert not outcome.moved and outcome.action == "refused" and _champion(client) == v1
+    assert "oof_roc_auc 0.7900 vs champion 0.8100" in outcome.reasons[0]
+    assert f"challenger v{v2}" in outcome.table and f"champion v{v1}" in outcome.table
+
+    v3 = register_with(oof_roc_auc=0.86, oof_sensitivity=0.70)  # better AUC, but misses more disease
+    assert promote(params).action == "refused"
+    code = promote_main(["--params", _params_file(tmp_path, params)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "NOT promoted" in printed and "oof_sensitivity drops 0.0800" in printed
+    assert "0.8600" in printed and "0.8100" in printed  # the table shows both versions' numbers
+    assert _champion(client) == v1
+
+    forced = promote(params, force=True)
+    assert forced.moved and forced.action == "force" and _champion(client) == v3
+    tags = client.get_model_version("bone-health", v3).tags
+    assert tags["champion_action"] == "force"
+    assert json.loads(tags["champion_periods"])[0]["previous"] == v1
+    assert client.get_model_version("bone-health", v1).tags["champion_replaced_by"] == v3
+
+    back = rollback(params)
+    assert back.moved and back.champion == v1 and back.previous == v3 and _champion(client) == v1
+
+    v4 = register_with(oof_roc_auc=0.83, oof_sensitivity=0.77)  # better, sensitivity within 0.02
+    won = promote(params)
+    assert won.moved and won.action == "gate" and _champion(client) == v4
+
+    assert rollback(params).champion == v1  # the stack: v1 -> v3 (rolled back) -> v4 -> back to v1
+    with pytest.raises(BoneHealthError, match="no previous holder"):
+        rollback(params)
+
+    periods = json.loads(client.get_model_version("bone-health", v1).tags["champion_periods"])
+    assert [p["action"] for p in periods] == ["first", "rollback", "rollback"]
+    assert all(p["until"] for p in periods[:-1]) and periods[-1]["until"] is None
+    history = json.loads(client.get_registered_model("bone-health").tags["champion_history"])
+    assert [(e["action"], e["from"], e["to"]) for e in history] == [
+        ("first", None, v1), ("force", v1, v3), ("rollback", v3, v1), ("gate", v1, v4), ("rollback", v4, v1)]
+    assert str(client.get_model_version_by_alias("bone-health", "challenger").version) == v4
+
+
+def test_gate_min_gain_and_minimize(tmp_path):
+    from src.config import GateParams
+    from src.promote import gate_decision
+
+    champ = {"oof_roc_auc": 0.80, "oof_sensitivity": 0.80, "oof_brier": 0.20}
+    assert not gate_decision({"oof_roc_auc": 0.80, "oof_sensitivity": 0.80}, champ, GateParams()).promote  # a tie
+    small = {"oof_roc_auc": 0.805, "oof_sensitivity": 0.80}
+    assert gate_decision(small, champ, GateParams()).promote
+    assert not gate_decision(small, champ, GateParams(min_gain=0.01)).promote
+    lower_brier = {"oof_brier": 0.15, "oof_sensitivity": 0.79}
+    assert gate_decision(lower_brier, champ, GateParams(metric="oof_brier", direction="minimize")).promote
+    missing = gate_decision({"oof_sensitivity": 0.9}, champ, GateParams())
+    assert not missing.promote and "challenger has no usable 'oof_roc_auc'" in missing.reasons[0]
+
+
+def test_promote_without_registered_model_is_one_line(tmp_path):
+    params = make_params(tmp_path)
+    with pytest.raises(BoneHealthError, match=r"no registered model 'bone-health'.*src\.register"):
+        promote(params)
+
+
+def _params_file(tmp: Path, params) -> str:
+    import yaml
+
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    return str(path)

@@ -1,0 +1,201 @@
+"""Optuna search on tiny data: pruning, resuming, parallel workers, crash recovery, MLflow layout."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from src import tune
+from src.config import load_params, params_from_dict, with_values
+from tests.servers import stop_group
+from tests.train_helpers import make_tiny_store, tiny_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_tiny_store(tmp_path_factory.mktemp("store"), n_per_class=12, size=32, folds=3)
+
+
+def tune_params(tmp_path, store, **tune_cfg):
+    base = tiny_params(tmp_path, store, epochs=1)
+    values = {"tune.out": str(tmp_path / "tune"), "tune.n_trials": 3, "tune.n_startup_trials": 1,
+              "tune.pruner": "median", "tune.pruner_startup_steps": 1,
+              "tune.space": {"train.lr": {"type": "categorical", "choices": [0.01, 1.0e-9]}},
+              "tune.heartbeat_interval": 0.5, "tune.grace_period": 3.0}
+    values.update({f"tune.{k}": v for k, v in tune_cfg.items()})
+    return with_values(base, values)
+
+
+def write_params_file(tmp_path, params) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def child_runs(params, parent_id):
+    mlflow.set_tracking_uri(params.mlflow.tracking_uri)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(params.mlflow.experiment)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def test_space_entries_are_validated(tmp_path, store):
+    params = tiny_params(tmp_path, store)
+    with pytest.raises(Exception, match="low < high"):
+        with_values(params, {"tune.space": {"train.lr": {"type": "float", "low": 1.0, "high": 0.1}}})
+    with pytest.raises(Exception, match="not a parameter"):
+        with_values(params, {"tune.space": {"train.learning_rate": {"type": "float", "low": 0.1, "high": 1}}})
+    with pytest.raises(Exception, match="choices"):
+        with_values(params, {"tune.space": {"train.optimizer": {"type": "categorical"}}})
+
+
+def test_study_prunes_a_bad_trial_logs_mlflow_and_resumes(tmp_path, store):
+    params = with_values(tune_params(tmp_path, store), {"train.epochs": 4})
+    url = tune.storage_url(params)
+    study = tune.open_study(params, url)
+    # Two sensible trials, then one that cannot learn (lr 1e-9): the median pruner stops it after fold 0.
+    for lr in (0.01, 0.01, 1.0e-9):
+        study.enqueue_trial({"train.lr": lr})
+    parent = tune.study_parent_run(params, url)
+    tune.run_worker(params, url, target=3, deadline=None, parent_id=parent)
+
+    study = tune.open_study(params, url)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    assert trials[2].user_attrs["folds_trained"] < store_folds(store)
+    assert trials[0].user_attrs["folds_trained"] == store_folds(store)
+    assert sorted(trials[0].intermediate_values) == list(range(store_folds(store)))  # step = fold
+
+    out = tune.write_outputs(params, study, parent)
+    fragment = yaml.safe_load(out.read_text())
+    assert fragment == {"train": {"lr": 0.01}}
+    merged = tune._merge(params.model_dump(mode="json"), fragment)
+    assert params_from_dict(merged).train.lr == 0.01
+
+    runs = child_runs(params, parent)
+    assert len(runs) == 3
+    states = {r.data.tags["optuna.trial_number"]: r.data.tags["optuna.state"] for r in runs}
+    assert states == {"0": "complete", "1": "complete", "2": "pruned"}
+    for r in runs:
+        assert "fold_val_auc" in r.data.metrics
+        assert r.data.params["train.lr"] in ("0.01", "1e-09")
+    best = [r for r in runs if r.data.tags.get("best_trial") == "true"]
+    assert len(best) == 1 and best[0].data.tags["optuna.trial_number"] == str(study.best_trial.number)
+    client = MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(parent, "plots")}
+    assert "plots/optimization_history.png" in artifacts
+    history = client.get_metric_history(best[0].info.run_id, "fold_val_auc")
+    assert sorted(m.step for m in history) == list(range(store_folds(store)))
+
+    # the same command again continues the same study and adds trials to it
+    params2 = with_values(params, {"tune.n_trials": 1})
+    tune.run_worker(params2, url, target=tune.count_counted(study) + 1, deadline=None, parent_id=parent)
+    assert len(tune.open_study(params, url).get_trials()) == 4
+    assert tune.study_parent_run(params, url) == parent  # one parent run per study
+
+
+def store_folds(store) -> int:
+    import json
+
+    return json.loads((Path(store) / "meta.json").read_text())["folds"]
+
+
+def test_stale_trial_is_failed_and_requeued(tmp_path, store):
+    params = tune_params(tmp_path, store)
+    url = tune.storage_url(params)
+    study = tune.open_study(params, url)
+    trial = study.ask({"train.lr": __import__("optuna").distributions.CategoricalDistribution([0.01, 1e-9])})
+    study._storage.set_trial_user_attr(trial._trial_id, tune.HEARTBEAT_ATTR, time.time())
+    assert tune.recover_stale_trials(study, grace=60, max_retry=1) == []  # alive: left alone
+    assert tune.recover_stale_trials(study, grace=60, max_retry=1, now=time.time() + 120) == [trial.number]
+    frozen = study.get_trials()
+    assert frozen[0].state == TrialState.FAIL and frozen[0].user_attrs[tune.RETRIED_ATTR] is True
+    assert frozen[1].state == TrialState.WAITING and frozen[1].user_attrs["retry_of"] == trial.number
+    assert frozen[1].params == {} or frozen[1].system_attrs.get("fixed_params") == frozen[0].params
+    assert tune.count_counted(study) == 0  # the failed-and-retried trial does not count
+
+
+def run_cli(args, cwd=ROOT, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "src.tune", *args], cwd=cwd, env={**os.environ, **(env or {})},
+                            start_new_session=True, **kw)
+
+
+def test_two_workers_share_a_journal_and_run_exactly_n_trials(tmp_path, store):
+    params = tune_params(tmp_path, store, pruner="none",
+                         space={"train.lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True}})
+    path = write_params_file(tmp_path, params)
+    proc = run_cli(["--params", str(path), "--n-trials", "4", "--n-workers", "2"],
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    study = tune.open_study(params, tune.storage_url(params))
+    trials = study.get_trials()
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert len({t.user_attrs.get("worker_pid") for t in trials}) >= 1
+    assert (tmp_path / "tune" / "best_params.yaml").is_file()
+    assert "dvc exp run -S train.lr=" in out
+    assert len(child_runs(params, tune.study_parent_run(params, tune.storage_url(params)))) == 4
+
+
+def test_killed_worker_trial_is_retried_not_lost(tmp_path, store):
+    params = tune_params(tmp_path, store, pruner="none", heartbeat_interval=0.5, grace_period=4.0,
+                         space={"train.lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True}})
+    params = with_values(params, {"train.epochs": 30})  # long enough to be killed mid-trial
+    path = write_params_file(tmp_path, params)
+    proc = run_cli(["--params", str(path), "--n-trials", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = tune.storage_url(params)
+    deadline = time.time() + 300
+    running = []
+    while time.time() < deadline and not running:
+        time.sleep(1)
+        if Path(url.removeprefix("journal:///")).exists():
+            running = [t for t in tune.open_study(params, url).get_trials(states=(TrialState.RUNNING,))
+                       if t.params]  # sampled: it is training now
+    assert running, "the worker never started a trial"
+    killed = running[0]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(params.tune.grace_period + 1)
+
+    quick = with_values(params, {"train.epochs": 1})
+    path = write_params_file(tmp_path, quick)
+    proc = run_cli(["--params", str(path), "--n-trials", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                   text=True)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    trials = tune.open_study(params, url).get_trials()
+    assert trials[killed.number].state == TrialState.FAIL
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params == killed.params == trials[killed.number].params
+
+
+def test_apply_writes_best_params_into_params_file_keeping_comments(tmp_path, store):
+    params = tune_params(tmp_path, store, pruner="none")
+    url = tune.storage_url(params)
+    study = tune.open_study(params, url)
+    study.enqueue_trial({"train.lr": 0.01})
+    parent = tune.study_parent_run(params, url)
+    tune.run_worker(params, url, target=1, deadline=None, parent_id=parent)
+
+    text = (ROOT / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    # the repo's commented params.yaml, pointed at the tiny store and tmp dirs
+    path.write_text(text)
+    tune.apply_to_params_file(path, {"train": {"lr": 0.0123}})
+    written = path.read_text()
+    assert "lr: 0.0123" in written
+    assert "# bone-health: every setting lives here" in written  # comments survive
+    assert load_params(path).train.lr == 0.0123
