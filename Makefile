@@ -8,7 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE ?= 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test install ui server bench lock clean
+.PHONY: repro test install postgres ui server bench lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,11 +30,28 @@ repro: $(STAMP)
 	@echo "  Grad-CAM overlays: reports/gradcam/"
 	@echo "  MLflow runs + registry: mlruns/  -> open the UI with: make ui"
 
-test: $(STAMP)
+test: $(STAMP) postgres
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The shared-storage tests start a real PostgreSQL; install Debian's server when it is missing.
+# Best effort: without it those tests skip and say why.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) ; } || \
+	  echo "PostgreSQL not installed: its tests will be skipped"
+
 ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port $${PORT:-5000} --workers 1
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db \
+	  --host 127.0.0.1 --port $${PORT:-5000} --workers 1
+
+# A shared tracking server: BACKEND_STORE_URI=postgresql+psycopg://user:pw@db/mlflow for a team,
+# HOST=0.0.0.0 to accept other machines (put it behind authentication first).
+BACKEND_STORE_URI ?= sqlite:///mlruns/mlflow.db
+ARTIFACTS ?= mlruns/artifacts
+server: $(STAMP)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri $(BACKEND_STORE_URI) \
+	  --artifacts-destination $(ARTIFACTS) --host $${HOST:-127.0.0.1} --port $${PORT:-5000} --workers 1
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

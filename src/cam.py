@@ -176,3 +176,23 @@ def explain_image(model: torch.nn.Module, meta: dict[str, Any], image_array: np.
             _, layer = resolve_target_layer(model, target_layer, tuple(x.shape))
     cam, probs, _ = explain_tensor(model, x, method, layer, target=target, batch_size=batch_size)
     return resize_map(cam, image_array.shape), probs
+
+
+def explain_ensemble(members: list[tuple[torch.nn.Module, dict[str, Any]]], image_array: np.ndarray,
+                     method: str = "gradcam", target_layer: str | None = None, target: int | None = None,
+                     batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """The map of a fold ensemble: each member's map for ONE class (target, else the class of
+    the mean probabilities), averaged and rescaled to [0, 1]; returns (map, mean probabilities)."""
+    if not members:
+        raise BoneHealthError("explain_ensemble: no models given")
+    probs = np.mean([_probabilities(model, meta, image_array) for model, meta in members], axis=0)
+    target = int(np.argmax(probs)) if target is None else int(target)
+    maps = [explain_image(model, meta, image_array, method, target_layer, target=target, batch_size=batch_size)[0]
+            for model, meta in members]
+    return _normalise(np.mean(maps, axis=0)), probs
+
+
+def _probabilities(model: torch.nn.Module, meta: dict[str, Any], image_array: np.ndarray) -> np.ndarray:
+    x = to_input(np.asarray(image_array), meta, device=next(model.parameters()).device)
+    with torch.no_grad():
+        return torch.softmax(model.eval()(x).float(), dim=1)[0].cpu().numpy()

@@ -17,6 +17,10 @@ from src.errors import BoneHealthError
 
 PEAK_ATOL = 1e-6  # map values this close to the maximum count as the peak (plateaus)
 RANDOM_MAP_GRID = 8  # random baseline maps: uniform noise on an 8x8 grid, bilinear upsampled
+# Scores whose value for a random map is 0 in expectation, so no baseline run is needed:
+# ROAD's LeRF on a map R removes what MoRF removes on 1 - R, so road(1 - R) = -road(R), and a
+# random map is as likely as its complement.
+ZERO_BASELINE = frozenset({"road"})
 
 
 def _check(cam: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -57,7 +57,9 @@ def save_overlay(path: str | Path, image: np.ndarray, cam: np.ndarray, *, pred_c
     predicted class and its probability; the ground-truth region's outline when a mask is given."""
     plt = _plt()
     image = to_unit(image)
-    fig, axes = plt.subplots(1, 3, figsize=(3 * PANEL_INCHES, PANEL_INCHES + 0.6), dpi=DPI)
+    # A fixed layout instead of tight_layout, which costs more than the CAM itself on a CPU.
+    fig, axes = plt.subplots(1, 3, figsize=(3 * PANEL_INCHES, PANEL_INCHES + 0.6), dpi=DPI,
+                             gridspec_kw=dict(left=0.01, right=0.96, bottom=0.02, top=0.80, wspace=0.12))
     axes[0].imshow(image, cmap="gray", vmin=0, vmax=1)
     axes[0].set_title("image")
     shown = axes[1].imshow(cam, cmap="jet", vmin=0, vmax=1)
@@ -71,7 +73,6 @@ def save_overlay(path: str | Path, image: np.ndarray, cam: np.ndarray, *, pred_c
     for ax in axes:
         ax.set_axis_off()
     fig.suptitle(caption(pred_class, prob, true_class) + (f"\n{note}" if note else ""), fontsize=10)
-    fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -93,14 +94,16 @@ def save_contact_sheet(path: str | Path, items: Sequence[SheetItem], title: str,
     n = max(len(items), 1)
     cols = min(columns, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, rows * 2.6 + 0.4), dpi=DPI, squeeze=False)
+    height = rows * 2.6 + 0.5
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, height), dpi=DPI, squeeze=False,
+                             gridspec_kw=dict(left=0.02, right=0.98, bottom=0.01, top=1 - 0.5 / height,
+                                              wspace=0.08, hspace=0.25))
     for ax in axes.flat:
         ax.set_axis_off()
     for ax, item in zip(axes.flat, items):
         ax.imshow(overlay(item.image, item.cam, alpha))
         ax.set_title(item.label, fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

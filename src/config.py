@@ -167,6 +167,7 @@ class TrainParams(Section):
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     channels_last: bool = True
     num_workers: int = Field(0, ge=0)
+    threads: Optional[int] = Field(None, ge=1)  # None: torch's default (all cores)
     augment: AugmentParams = Field(default_factory=AugmentParams)
 
 
@@ -191,7 +192,7 @@ class GradcamParams(Section):
     alpha: float = Field(0.4, ge=0.0, le=1.0)
     target: Literal["predicted", "true", "positive"] = "predicted"
     perturbation: Literal["road", "confidence_change", "none"] = "road"
-    road_percentiles: list[int] = Field(default_factory=lambda: [20, 40, 60, 80], min_length=1)
+    road_percentiles: list[int] = Field(default_factory=lambda: [50], min_length=1)
     batch_size: int = Field(32, ge=1)
 
     @model_validator(mode="after")

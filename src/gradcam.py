@@ -4,17 +4,19 @@ saw it, with measured faithfulness; plus a single-image mode for new radiographs
     python -m src.gradcam [--params F] [--set gradcam.method=hirescam]
     python -m src.gradcam --image PATH [--model DIR_OR_MODEL_URI] [--box x,y,w,h] --out FILE.png
 
-Stage outputs (`gradcam.out`, a DVC output, also logged under `gradcam/` on the CV's
-MLflow parent run): `<class>/<image>.png` (image | heat map | overlay, true and predicted
-class and probability), `<class>/_contact_sheet.png`, `example.png` (first image of each
-class), `images.csv` (one row per explained image) and `metrics.json` (flat keys, the
-same names in every run; also logged as metrics on the parent run).
+Stage outputs under `gradcam.out`, each also logged under `gradcam/` on the CV's MLflow
+parent run: `images/` (the DVC output) with `<class>/<image>.png` (image | heat map |
+overlay, true and predicted class and probability), `<class>/_contact_sheet.png`,
+`example.png` (the first image of each class) and `images.csv` (one row per explained
+image); `metrics.json` beside it (the DVC metrics file: flat keys, the same names in every
+run, also logged as metrics on the parent run).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +26,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from src.cam import explain_image, explain_tensor, resize_map, resolve_target_layer  # noqa: F401  (explain_image: public API)
-from src.cam_faithfulness import localisation, perturbation_score, random_map, summarise
+from src.cam import explain_ensemble, explain_image, explain_tensor, resize_map, resolve_target_layer
+from src.cam_faithfulness import ZERO_BASELINE, localisation, perturbation_score, random_map, summarise
 from src.cam_figures import SheetItem, caption, save_contact_sheet, save_overlay
 from src.cli import run_main
 from src.config import GradcamParams, Params, add_params_args, params_from_args
@@ -34,10 +36,11 @@ from src.fileio import atomic_dir, atomic_write_json, atomic_write_text
 from src.models import load_checkpoint, to_input
 from src.store import PreparedStore
 
-__all__ = ["explain_image", "save_overlay", "run_gradcam", "explain_file", "select_images", "main"]
+__all__ = ["explain_image", "explain_ensemble", "save_overlay", "run_gradcam", "explain_file", "select_images", "main"]
 
 METRIC_PREFIX = "gradcam_"
 ARTIFACT_PATH = "gradcam"
+IMAGES_DIR = "images"
 METRICS_FILE = "metrics.json"
 IMAGES_FILE = "images.csv"
 EXAMPLE_FILE = "example.png"
@@ -186,10 +189,10 @@ def explain_row(fm: FoldModel, store: PreparedStore, row: int, cfg: GradcamParam
         # ROAD's imputer adds torch noise: seed it per image so reruns give the same numbers.
         torch.manual_seed(cfg.seed * 100_003 + out["index"])
         out[cfg.perturbation] = perturbation_score(fm.model, x, cam_in, target, cfg.perturbation, cfg.road_percentiles)
-        rng = np.random.default_rng([cfg.seed, out["index"]])
-        torch.manual_seed(cfg.seed * 100_003 + out["index"])
-        out[f"{cfg.perturbation}_random"] = perturbation_score(
-            fm.model, x, random_map(cam_in.shape, rng), target, cfg.perturbation, cfg.road_percentiles)
+        if cfg.perturbation not in ZERO_BASELINE:
+            rng = np.random.default_rng([cfg.seed, out["index"]])
+            out[f"{cfg.perturbation}_random"] = perturbation_score(
+                fm.model, x, random_map(cam_in.shape, rng), target, cfg.perturbation, cfg.road_percentiles)
     return out, cam
 
 
@@ -223,7 +226,9 @@ def run_gradcam(params: Params, *, log_to_mlflow: bool = True) -> dict[str, floa
     models = {k: load_fold_model(Path(params.train.out), k, store, cfg, device) for k in folds_needed}
 
     rows: list[dict[str, Any]] = []
-    with atomic_dir(cfg.out) as tmp:
+    # The figures folder is swapped in whole; metrics.json is written last inside that block,
+    # so a failure anywhere leaves the previous run's outputs as they were.
+    with atomic_dir(Path(cfg.out) / IMAGES_DIR) as tmp:
         examples: list[SheetItem] = []
         for cls, indices in chosen.items():
             (tmp / cls).mkdir(parents=True, exist_ok=True)
@@ -249,13 +254,13 @@ def run_gradcam(params: Params, *, log_to_mlflow: bool = True) -> dict[str, floa
             save_contact_sheet(tmp / EXAMPLE_FILE, examples, f"{cfg.method}: one image per class", alpha=cfg.alpha)
         keys = ["correct", *(LOCALISATION_KEYS if masks_root is not None else ())]
         if cfg.perturbation != "none":
-            keys += [cfg.perturbation, f"{cfg.perturbation}_random"]
+            keys += [cfg.perturbation] + ([] if cfg.perturbation in ZERO_BASELINE else [f"{cfg.perturbation}_random"])
         metrics = {METRIC_PREFIX + k: v for k, v in summarise(rows, store.classes, keys).items()}
         atomic_write_text(tmp / IMAGES_FILE, pd.DataFrame(rows).drop(columns=["seconds_cam"]).to_csv(index=False))
-        atomic_write_json(tmp / METRICS_FILE, metrics)
         seconds = float(np.mean([r["seconds_cam"] for r in rows])) if rows else math.nan
         if client is not None:
             _log_to_parent(client, cv["parent_run_id"], tmp, metrics, cfg, models, seconds)
+        atomic_write_json(Path(cfg.out) / METRICS_FILE, metrics)
     _print_summary(metrics, cfg, seconds)
     return metrics
 
@@ -299,6 +304,9 @@ def _log_to_parent(client, run_id: str, folder: Path, metrics: dict[str, float],
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in finite.items()],
                      tags=[RunTag(k, v) for k, v in tags.items()])
     client.log_artifacts(run_id, str(folder), artifact_path=ARTIFACT_PATH)
+    with tempfile.TemporaryDirectory() as tmp:
+        atomic_write_json(Path(tmp) / METRICS_FILE, metrics)
+        client.log_artifact(run_id, str(Path(tmp) / METRICS_FILE), artifact_path=ARTIFACT_PATH)
 
 
 def _print_summary(metrics: dict[str, float], cfg: GradcamParams, seconds: float) -> None:
@@ -352,44 +360,25 @@ def explain_file(params: Params, image_path: str | Path, out: str | Path, model_
     cfg = params.gradcam
     dirs = checkpoint_dirs_for(params, model_ref)
     device = select_device(params.train.device)
-    loaded = [load_checkpoint(d, device=device) for d in dirs]
-    meta0 = loaded[0][1]
+    members = [load_checkpoint(d, device=device) for d in dirs]
+    meta0 = members[0][1]
     if _crop_mode(meta0) and box is None:
         raise BoneHealthError(f"{dirs[0]}: the model was trained on crops around the cortex box; pass --box x,y,w,h")
-    raw = read_image(image_path)
-    arrays: dict[str, np.ndarray] = {}
-
-    def prepared(meta: dict[str, Any]) -> np.ndarray:
-        key = json.dumps(meta.get("preprocessing"), sort_keys=True)
-        if key not in arrays:
-            arrays[key] = preprocess_image(raw, meta.get("preprocessing") or {}, box)[0]
-        return arrays[key]
-
-    # Explain the ensemble's decision: every fold's map is for the class of the mean probabilities.
-    probs = np.mean([_probs(model, meta, prepared(meta), device) for model, meta in loaded], axis=0)
-    target = int(np.argmax(probs)) if cfg.target != "positive" else meta0["classes"].index(meta0["positive_class"])
-    cams = []
-    for model, meta in loaded:
-        cam, _ = explain_image(model, meta, prepared(meta), cfg.method, cfg.target_layer, target=target,
-                               batch_size=cfg.batch_size)
-        cams.append(cam)
-    if len({c.shape for c in cams}) != 1:
-        raise BoneHealthError(f"{model_ref or params.train.out}: checkpoints disagree on the prepared image size")
-    cam = np.mean(cams, axis=0)
-    cam = cam / cam.max() if cam.max() > 0 else cam
-    image = prepared(meta0)
+    preps = {json.dumps(meta.get("preprocessing"), sort_keys=True) for _, meta in members}
+    if len(preps) != 1:
+        raise BoneHealthError(f"{model_ref or params.train.out}: its checkpoints were trained on differently prepared images")
+    image = preprocess_image(read_image(image_path), meta0.get("preprocessing") or {}, box)[0]
     classes = list(meta0["classes"])
+    # "true" has no meaning for a new radiograph: explain the prediction unless asked for the positive class.
+    target = classes.index(meta0["positive_class"]) if cfg.target == "positive" else None
+    cam, probs = explain_ensemble(members, image, cfg.method, cfg.target_layer, target=target, batch_size=cfg.batch_size)
     pred = int(np.argmax(probs))
-    note = f"{Path(image_path).name}, " + (f"mean of {len(loaded)} models" if len(loaded) > 1 else Path(dirs[0]).name)
+    explained = pred if target is None else target
+    note = f"{Path(image_path).name}, " + (f"mean of {len(members)} models" if len(members) > 1 else Path(dirs[0]).name)
     save_overlay(out, image, cam, pred_class=classes[pred], prob=float(probs[pred]), alpha=cfg.alpha,
                  method=cfg.method, note=note)
     return {"file": str(image_path), "predicted": classes[pred], "probs": dict(zip(classes, map(float, probs))),
-            "explained": classes[target], "cam": cam, "image": image, "out": str(out), "models": [str(d) for d in dirs]}
-
-
-def _probs(model: torch.nn.Module, meta: dict[str, Any], image: np.ndarray, device) -> np.ndarray:
-    with torch.no_grad():
-        return torch.softmax(model(to_input(image, meta, device=device)).float(), dim=1)[0].cpu().numpy()
+            "explained": classes[explained], "cam": cam, "image": image, "out": str(out), "models": [str(d) for d in dirs]}
 
 
 # ----------------------------------------------------------------------------- CLI

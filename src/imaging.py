@@ -76,6 +76,8 @@ def _decode_raster(data: bytes, name: str) -> np.ndarray:
             im.load()  # full decode: this is where a truncated file fails
     except UnidentifiedImageError:
         raise DataError(f"{name}: not an image (unrecognised format, {len(data)} bytes)") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{name}: image too large to decode safely ({exc})") from None
     except (OSError, SyntaxError, ValueError, struct.error) as exc:
         reason = str(exc) or type(exc).__name__
         if "truncated" in reason or "broken data stream" in reason:

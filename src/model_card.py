@@ -16,13 +16,17 @@ INTENDED_USE = (
     "(Mandibular Cortical Index). Not a diagnosis and not a medical device: every output needs review "
     "by a qualified clinician, and no clinical decision may rest on it."
 )
+SYNTHETIC_LIMITATION = (
+    "Trained and evaluated on SYNTHETIC phantom radiographs (src.phantom): the metrics show the pipeline "
+    "works, and say nothing about performance on real patients."
+)
 METADATA_SCHEMA = "monai-bundle-like (https://docs.monai.io/en/latest/mb_specification.html)"
 
 LIMITATIONS = [
     "Trained and validated by cross-validation on one dataset; no external validation on other "
     "scanners, sites or populations. Expect performance to drop under distribution shift.",
-    "Probabilities are calibrated only as well as the cross-validated Brier score and ECE below "
-    "show; the operating threshold was not tuned for a clinical prevalence.",
+    "Probabilities are calibrated only as well as the cross-validated Brier score and ECE in this "
+    "card show; the operating threshold was not tuned for a clinical prevalence.",
     "Raw images must be preprocessed exactly as in training (same mode, size, crop box convention, "
     "rolling ball / CLAHE); the registered model does this itself, so feed it the original files.",
     "Crop-mode models need a box around the mandibular cortex (source pixels) with every image; "
@@ -40,6 +44,12 @@ def _fmt(value: Any) -> str:
     if _finite(value):
         return f"{value:.4f}" if isinstance(value, float) else str(value)
     return "n/a" if value is None or isinstance(value, float) else str(value)
+
+
+def _switch(section: Any, key: str) -> str:
+    if not isinstance(section, dict) or not section.get("enabled"):
+        return "off"
+    return f"on ({key} {section.get(key)})"
 
 
 def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, Any, Any, Any]]:
@@ -112,7 +122,7 @@ def build_metadata(*, name: str, version: str | None, strategy: str, meta: dict[
         },
         "data": data,
         "provenance": provenance,
-        "limitations": LIMITATIONS,
+        "limitations": ([SYNTHETIC_LIMITATION] if data.get("synthetic_phantom") else []) + LIMITATIONS,
     }
 
 
@@ -131,7 +141,7 @@ def render_markdown(md: dict[str, Any]) -> str:
         f"| description | {md['description']} |",
         f"| classes | {', '.join(md['label_classes'].values())} (positive: {md.get('positive_class')}) |",
     ]
-    for key in ("strategy", "model", "n_models", "git_commit", "cv_parent_run_id", "registered_at"):
+    for key in ("strategy", "model", "n_models", "best_epochs", "git_commit", "cv_parent_run_id", "registered_at"):
         if key in prov:
             lines.append(f"| {key} | {_fmt(prov[key])} |")
     fmt_in = md["network_data_format"]["inputs"]["image"]
@@ -141,6 +151,8 @@ def render_markdown(md: dict[str, Any]) -> str:
         "",
         f"- Input: {md['data_type']}; optional crop box `box_x, box_y, box_w, box_h` in source pixels.",
         f"- Preprocessing (the training transform, applied inside the model): mode `{fmt_in['preprocessing'].get('mode')}`, "
+        f"rolling ball {_switch(fmt_in['preprocessing'].get('rolling_ball'), 'radius')}, "
+        f"CLAHE {_switch(fmt_in['preprocessing'].get('clahe'), 'clip_limit')}, stored as {fmt_in['preprocessing'].get('dtype')}; "
         f"network input {fmt_in['spatial_shape']} x {fmt_in['num_channels']} channel(s), normalization {fmt_in['normalization']}.",
         f"- Output: {md['pred_classes']} as `prob_<class>` columns, plus `predicted` (the most probable class).",
         "",

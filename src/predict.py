@@ -25,6 +25,7 @@ from src.cli import run_main
 from src.config import Params, add_params_args, params_from_args
 from src.errors import BoneHealthError
 from src.pyfunc_model import Box, Ensemble, checkpoint_dirs, parse_box, prob_column
+from src.text_table import text_table
 
 FILE_COLUMN = "file"
 ERROR_COLUMN = "error"
@@ -72,12 +73,9 @@ def load_ensemble(params: Params, model: str | None = None) -> Ensemble:
     """Checkpoints behind `model` loaded into memory (a downloaded copy is removed afterwards)."""
     ref = model or default_model(params)
     if not Path(ref).exists():
-        import mlflow
+        from src.tracking import configure
 
-        from src.tracking import tracking_uri
-
-        # Only point MLflow at the store; creating the experiment is the training stages' job.
-        mlflow.set_tracking_uri(tracking_uri(params.mlflow))
+        configure(params.mlflow)
     with tempfile.TemporaryDirectory(prefix="predict-model-") as tmp:
         dirs = checkpoint_dirs(ref, dst=tmp)
         return Ensemble(dirs, batch_size=params.register.batch_size)
@@ -95,7 +93,7 @@ def predict_files(ensemble: Ensemble, files: list[Path], box: Box | None = None)
         except BoneHealthError as exc:
             results[i].error = _one_line(exc, path)
         except (OSError, ValueError, MemoryError) as exc:  # decoders' own surprises: still per file
-            results[i].error = f"{path}: {type(exc).__name__}: {exc}"
+            results[i].error = f"{type(exc).__name__}: {exc}"
     probs = ensemble.predict_prepared(arrays)
     classes = ensemble.classes
     for i, p in zip(ok, probs):
@@ -107,8 +105,9 @@ def predict_files(ensemble: Ensemble, files: list[Path], box: Box | None = None)
 
 
 def _one_line(exc: Exception, path: Path) -> str:
+    """The reason alone (the row already names the file): decoders prefix their messages with it."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text if str(path) in text or path.name in text else f"{path}: {text}"
+    return text.removeprefix(f"{path}: ")
 
 
 def write_cams(ensemble: Ensemble, results: list[Prediction], out_dir: Path, params: Params) -> None:
@@ -140,7 +139,7 @@ def write_cams(ensemble: Ensemble, results: list[Prediction], out_dir: Path, par
                                 note=f"{Path(res.file).name}, mean of {len(ensemble.models)} model(s)")
             res.cam = str(path)
         except BoneHealthError as exc:
-            res.error = f"{res.file}: Grad-CAM failed: {str(exc).splitlines()[0]}"
+            res.error = f"Grad-CAM failed: {str(exc).splitlines()[0]}"
 
 
 def _unique(name: str, taken: set[str]) -> str:
@@ -162,14 +161,12 @@ def results_frame(results: list[Prediction], classes: list[str]) -> pd.DataFrame
 
 
 def format_table(frame: pd.DataFrame) -> str:
-    shown = frame.copy()
-    for col in shown.columns:
-        if col.startswith("prob_"):
-            shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
-    shown = shown.fillna("")
-    if not shown[ERROR_COLUMN].astype(bool).any():
+    shown = frame.astype(object).where(frame.notna(), None)
+    if shown[ERROR_COLUMN].isna().all():
         shown = shown.drop(columns=[ERROR_COLUMN])
-    return shown.to_string(index=False)
+    rows = [[f"{v:.4f}" if col.startswith("prob_") and v is not None else v for col, v in zip(shown.columns, row)]
+            for row in shown.itertuples(index=False, name=None)]
+    return text_table(list(shown.columns), rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(frame))
     failed = [r for r in results if r.error]
     for r in failed:
-        print(f"error: {r.error}", file=sys.stderr)
+        print(f"error: {r.file}: {r.error}", file=sys.stderr)
     print(f"{len(results) - len(failed)} of {len(results)} file(s) predicted", file=sys.stderr)
     return 1 if failed else 0
 

@@ -33,6 +33,7 @@ from src.imaging import probe_size, read_image
 from src.preprocess import full_size, preprocess_image
 from src.store import IMAGES_FILE, MANIFEST_COLUMNS, MANIFEST_FILE, META_FILE, REPORT_FILE
 
+RUN_ONLY_FIELDS = {"out", "workers"}
 COMPACT_CHUNK = 256  # rows copied at a time when dropping skipped images from the store
 
 
@@ -71,7 +72,7 @@ def prepare(params: Params) -> Path:
             "positive_class": ds.positive_class,
             "folds": folds,
             "fold_seed": prep.fold_seed,
-            "preprocessing": settings.model_dump(mode="json"),
+            "preprocessing": stored_settings(settings),
             "data_root": str(params.data.root),
             "n_images": len(kept),
             "manifest_sha256": sha256_file(tmp / MANIFEST_FILE),
@@ -109,6 +110,12 @@ def resolve_settings(prep: PrepareParams, records: list[ImageRecord]) -> tuple[P
     common = sizes.most_common(1)[0][0]
     resolved = full_size(common, prep.full.downscale, None)
     return prep.model_copy(update={"full": prep.full.model_copy(update={"size": resolved})}), sizes
+
+
+def stored_settings(settings: PrepareParams) -> dict[str, Any]:
+    """The prepare section as inference needs it: where the store went and how many
+    processes built it change nothing in the pixels, so they stay out of meta.json."""
+    return settings.model_dump(mode="json", exclude=RUN_ONLY_FIELDS)
 
 
 def _decode_into(path: Path, records: list[ImageRecord], skip: set[str], settings: PrepareParams,

@@ -23,6 +23,7 @@ from src.cli import run_main
 from src.config import GateParams, Params, add_params_args, params_from_args
 from src.errors import BoneHealthError
 from src.register import METRIC_TAG_PREFIX, current_user, utc_now
+from src.text_table import text_table
 
 HISTORY_TAG = "champion_history"
 PERIODS_TAG = "champion_periods"
@@ -99,7 +100,7 @@ def comparison_table(challenger, champion, gate: GateParams, labels: tuple[str, 
     keys += [k for k in SHOWN_METRICS if k not in keys]
     cols = list(zip(labels, (challenger, champion)))
     header = ["", *[f"{name} v{mv.version}" if mv is not None else f"{name} (none)" for name, mv in cols]]
-    rows = [header]
+    rows = []
     metrics = [version_metrics(mv.tags) if mv is not None else {} for _, mv in cols]
     for key in keys:
         if all(key not in m for m in metrics):
@@ -107,10 +108,7 @@ def comparison_table(challenger, champion, gate: GateParams, labels: tuple[str, 
         rows.append([key, *[f"{m[key]:.4f}" if key in m else "-" for m in metrics]])
     for tag in ("registered_at", "git_commit", "strategy"):
         rows.append([tag, *[str(mv.tags.get(tag, "-")) if mv is not None else "-" for _, mv in cols]])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(header, rows)
 
 
 # --------------------------------------------------------------------- registry I/O

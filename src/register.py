@@ -16,6 +16,7 @@ import getpass
 import io
 import json
 import shutil
+import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -245,24 +246,23 @@ def utc_now() -> str:
 
 # ------------------------------------------------------------------------ strategies
 def refit_checkpoint(params: Params, cv: dict[str, Any], dirs: list[Path], work: Path) -> Path:
-    """Train once on all data with the CV settings; needs an all-data mode in src.trainer."""
-    from src import trainer
-
-    fit_all = getattr(trainer, "train_all", None)
-    if fit_all is None:
-        raise BoneHealthError(
-            "register.strategy=refit is not available: src.trainer.train_fold always holds out a test fold "
-            "and src.trainer has no all-data training (train_all); use register.strategy=ensemble"
-        )
+    """One model trained on every prepared image with the CV's settings, for the median of the
+    folds' best epochs (the upper median for an even K): the CV chose how long to train."""
     from src.store import PreparedStore
+    from src.trainer import train_all
 
-    epochs = sorted(int(read_meta(d).get("best_epoch") or params.train.epochs) for d in dirs)
-    median = epochs[len(epochs) // 2]
-    refit_params = params.model_copy(deep=True)
-    refit_params.train.epochs = median
-    refit_params.train.early_stopping_patience = 0  # the CV already chose how long to train
+    store = PreparedStore.open(params.prepare.out)
+    trained_on = (read_meta(dirs[0]).get("preprocessing") or {}).get("manifest_sha256")
+    if trained_on and store.meta.get("manifest_sha256") != trained_on:
+        raise BoneHealthError(
+            f"{store.root / 'meta.json'}: manifest_sha256 differs from the one the CV folds were trained on; "
+            "the data changed since the CV, rerun it (dvc repro) before a refit"
+        )
+    epochs = statistics.median_high(int(read_meta(d).get("best_epoch") or params.train.epochs) for d in dirs)
+    refit = params.model_copy(deep=True)
+    refit.train.epochs = epochs
     out = work / f"{CHECKPOINT_PREFIX}refit"
-    fit_all(refit_params, PreparedStore.open(params.prepare.out), out)
+    train_all(refit, store, out, extra_meta={"refit_epochs": epochs, "cv_parent_run_id": cv["parent_run_id"]})
     return out
 
 
@@ -282,7 +282,6 @@ def register(params: Params, *, strategy: str | None = None) -> Registered:
     cv = load_cv(train_out)
     dirs = fold_dirs(train_out, cv)
     meta = read_meta(dirs[0])
-    prep = prepare_settings(meta)
     metrics_path = Path(params.evaluate.out) / METRICS_FILE
     metrics = numeric_metrics(read_json(metrics_path, "evaluation metrics", "run `python -m src.evaluate` first"))
     gate_metrics_present(metrics, params, metrics_path)
@@ -304,10 +303,12 @@ def register(params: Params, *, strategy: str | None = None) -> Registered:
     with tempfile.TemporaryDirectory(prefix="register-") as tmp:
         work = Path(tmp)
         members = [refit_checkpoint(params, cv, dirs, work)] if strategy == "refit" else dirs
+        meta = read_meta(members[0])
         artifacts = stage_checkpoints(members, work / "checkpoints")
-        example = input_example(params, prep)
+        example = input_example(params, prepare_settings(meta))
         versions = installed_versions(RUNTIME_DISTRIBUTIONS)
         provenance = {"strategy": strategy, "model": meta.get("model"), "n_models": len(members),
+                      "best_epochs": ", ".join(str(read_meta(d).get("best_epoch", "?")) for d in members),
                       "git_commit": git, "cv_parent_run_id": cv["parent_run_id"], "registered_at": utc_now()}
         card_meta = build_metadata(name=cfg.name, version=None, strategy=strategy, meta=meta, n_models=len(members),
                                    cv_metrics=metrics, gradcam_metrics=gradcam, data=data, provenance=provenance,

@@ -9,11 +9,20 @@ from typing import Any
 from src.config import MlflowParams
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+# mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI (for subprocesses), so after one
+# configure() the variable holds OUR params' URI; remember it, or the next configure() with
+# other params would take it for a user's server (and drop artifact_root).
+_EXPORTED_BY_US: str | None = None
+
+
+def _user_tracking_env() -> str | None:
+    env = os.environ.get(TRACKING_ENV)
+    return env if env and env != _EXPORTED_BY_US else None
 
 
 def tracking_uri(cfg: MlflowParams) -> str:
     """MLFLOW_TRACKING_URI wins (a shared server); otherwise the params' SQLite file."""
-    uri = os.environ.get(TRACKING_ENV) or cfg.tracking_uri
+    uri = _user_tracking_env() or cfg.tracking_uri
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         db.parent.mkdir(parents=True, exist_ok=True)
@@ -24,11 +33,15 @@ def configure(cfg: MlflowParams) -> str:
     """Point MLflow at our store and make sure the experiment exists; returns its id."""
     import mlflow
 
+    global _EXPORTED_BY_US
+    from_user = _user_tracking_env() is not None
     mlflow.set_tracking_uri(tracking_uri(cfg))
+    if not from_user:
+        _EXPORTED_BY_US = os.environ.get(TRACKING_ENV)
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is None:
         location = None
-        if not os.environ.get(TRACKING_ENV):  # a server chooses its own artifact root
+        if not from_user:  # a server chooses its own artifact root
             root = Path(cfg.artifact_root).resolve()
             root.mkdir(parents=True, exist_ok=True)
             location = root.as_uri()

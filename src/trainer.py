@@ -88,7 +88,7 @@ def amp_dtype(pref: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if pref == "bf16" else torch.float16
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -155,7 +155,7 @@ def input_size(cfg: TrainParams, store: PreparedStore) -> list[int]:
     return [s, max(1, int(round(w * s / h)))]
 
 
-def checkpoint_meta(params: Params, store: PreparedStore, fold: int) -> dict[str, Any]:
+def checkpoint_meta(params: Params, store: PreparedStore, fold: int | None) -> dict[str, Any]:
     """Everything inference needs to rebuild the network and its input (docs/ARCHITECTURE.md)."""
     cfg = params.train
     keep = ("mode", "size", "dtype", "preprocessing", "data_root", "manifest_sha256")
@@ -310,7 +310,7 @@ class Engine:
         x = self.to_tensor(images)
         y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        with _autocast(self.device, self.amp):
+        with autocast_context(self.device, self.amp):
             loss = self.criterion(self.model(x).float(), y)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -333,16 +333,31 @@ class Engine:
         out = []
         for start in range(0, len(images), batch_size):
             x = self.to_tensor(np.asarray(images[start:start + batch_size]))
-            with _autocast(self.device, self.amp):
+            with autocast_context(self.device, self.amp):
                 logits = self.model(x)
             out.append(torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64))
         return np.concatenate(out) if out else np.zeros((0, int(self.meta["num_classes"])))
+
+
+def reset_head(model: torch.nn.Module, std: float = 0.01) -> None:
+    """Start the classifier near zero so the first predictions are ~uniform.
+
+    timm's EfficientNet initialises the head uniformly in +-1/sqrt(num_classes): fine for
+    1000 classes, but with two it gives train-mode logits of +-5 and a first-epoch loss of
+    3-6 that wrecks the early BatchNorm statistics.  The head is always new here (timm drops
+    a pretrained head of another size), so this costs pretrained users nothing.
+    """
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, torch.nn.Linear):
+        torch.nn.init.normal_(head.weight, std=std)
+        torch.nn.init.zeros_(head.bias)
 
 
 def build_engine(cfg: TrainParams, meta: dict[str, Any], device: torch.device, train_labels: np.ndarray) -> Engine:
     n_classes = int(meta["num_classes"])
     model = create_model(cfg.model, num_classes=n_classes, in_chans=cfg.in_chans, pretrained=cfg.pretrained,
                          weights=cfg.weights, drop_rate=cfg.drop_rate).to(device)
+    reset_head(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     weight = class_weights(train_labels, n_classes).to(device) if cfg.class_balance == "weights" else None
@@ -414,6 +429,74 @@ def predictions_frame(store: PreparedStore, rows: np.ndarray, probs: np.ndarray)
 
 
 # ----------------------------------------------------------------------------- the fold
+@dataclass
+class _Fit:
+    history: list[dict]
+    best_epoch: int
+    best_val_auc: float
+    engine: Engine
+
+
+def _fit(params: Params, store: PreparedStore, meta: dict[str, Any], train_rows: np.ndarray, val_rows: np.ndarray,
+         seed: int, label: str, device, epoch_callback: EpochCallback | None) -> _Fit:
+    """The epoch loop; leaves the chosen weights loaded in the returned engine's model.
+
+    With validation rows the best epoch (inner-val AUC, then loss) is chosen and early
+    stopping applies; without them (all-data refit) the last epoch is kept.
+    """
+    cfg = params.train
+    device = torch.device(device) if device is not None else select_device(cfg.device)
+    if cfg.threads:
+        # Fewer threads than cores wins when other processes share the CPU: OpenMP workers
+        # spin-wait, and a 2-thread step on a busy 2-core machine ran ~5x slower than 1 thread.
+        torch.set_num_threads(cfg.threads)
+    seed_everything(seed, cfg.deterministic)
+    labels = store.labels
+    if len(np.unique(labels[train_rows])) < len(store.classes):
+        raise DataError(f"{store.root}: the training part of {label} lacks a class; need more patients per class")
+
+    engine = build_engine(cfg, meta, device, labels[train_rows])
+    schedule = Schedule(engine.optimizer, cfg, max(1, sum(1 for _ in batches_of(train_rows, cfg.batch_size))))
+    source = BatchSource(store, build_augment(cfg.augment, seed=seed))
+    val_images, val_labels = store.images[val_rows], labels[val_rows]
+    rng = np.random.default_rng(seed)
+
+    history: list[dict] = []
+    best: tuple[float, float] | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch, stale = 0, 0
+    for epoch in range(1, cfg.epochs + 1):
+        lr = float(engine.optimizer.param_groups[0]["lr"])
+        chunks = list(batches_of(epoch_order(train_rows, labels, cfg.class_balance, rng), cfg.batch_size))
+        train_loss, speed = run_epoch(engine, source, chunks, num_workers=cfg.num_workers, seed=seed * 1000 + epoch,
+                                      schedule=schedule, desc=f"{label} epoch {epoch}/{cfg.epochs}")
+        val_loss = val_auc = float("nan")
+        if len(val_rows):
+            val_probs = engine.predict(val_images, cfg.batch_size * 2)
+            val_loss, val_auc = _val_loss(val_probs, val_labels), auc_score(val_labels, val_probs)
+        schedule.step_epoch(val_loss)
+        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": val_auc,
+                  "lr": lr, "images_per_s": speed}
+        history.append(record)
+        improved = _better(val_auc, val_loss, best) if len(val_rows) else True
+        if improved:
+            best, best_epoch, stale = (val_auc, val_loss), epoch, 0
+            if len(val_rows):  # without validation the last epoch wins: no copy needed
+                best_state = copy.deepcopy({k: v.detach().to("cpu") for k, v in engine.model.state_dict().items()})
+        else:
+            stale += 1
+        print(f"{label} epoch {epoch}/{cfg.epochs}: train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
+              f"val_auc {val_auc:.4f} lr {lr:.2e} {speed:.1f} img/s{' *' if improved and len(val_rows) else ''}",
+              file=sys.stderr, flush=True)
+        if epoch_callback is not None:
+            epoch_callback(epoch, dict(record))
+        if len(val_rows) and cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
+            break
+    if best_state is not None:
+        engine.model.load_state_dict(best_state)
+    return _Fit(history=history, best_epoch=best_epoch, best_val_auc=float(best[0]), engine=engine)
+
+
 def train_fold(params: Params, store: PreparedStore, fold: int, out_dir: Path, *,
                epoch_callback: EpochCallback | None = None, device=None,
                extra_meta: dict[str, Any] | None = None) -> FoldResult:
@@ -422,72 +505,48 @@ def train_fold(params: Params, store: PreparedStore, fold: int, out_dir: Path, *
 
     `epoch_callback(epoch, record)` runs after every epoch (1-based); an exception it raises
     (e.g. optuna.TrialPruned) stops training and propagates, leaving out_dir untouched.
+    `extra_meta` is merged into meta.json (train.py adds the MLflow run id).
     """
     cfg = params.train
     out_dir = Path(out_dir)
     started = time.perf_counter()
-    device = torch.device(device) if device is not None else select_device(cfg.device)
-    fold_seed = cfg.seed + fold
-    seed_everything(fold_seed, cfg.deterministic)
-
     split = fold_split(store, fold, cfg.val_fraction, cfg.seed)
-    labels = store.labels
-    n_classes = len(store.classes)
-    if len(np.unique(labels[split.train])) < n_classes:
-        raise DataError(f"{store.root}: the training part of fold {fold} lacks a class; need more patients per class")
-
     meta = checkpoint_meta(params, store, fold)
-    engine = build_engine(cfg, meta, device, labels[split.train])
-    chunks_per_epoch = max(1, sum(1 for _ in batches_of(split.train, cfg.batch_size)))
-    schedule = Schedule(engine.optimizer, cfg, chunks_per_epoch)
-    source = BatchSource(store, build_augment(cfg.augment, seed=fold_seed))
-    val_images = store.images[split.val]
-    rng = np.random.default_rng(fold_seed)
+    fit = _fit(params, store, meta, split.train, split.val, cfg.seed + fold, f"fold {fold}", device, epoch_callback)
 
-    history: list[dict] = []
-    best: tuple[float, float] | None = None
-    best_state: dict[str, torch.Tensor] | None = None
-    best_epoch, stale = 0, 0
-    for epoch in range(1, cfg.epochs + 1):
-        lr = float(engine.optimizer.param_groups[0]["lr"])
-        order = epoch_order(split.train, labels, cfg.class_balance, rng)
-        chunks = list(batches_of(order, cfg.batch_size))
-        train_loss, speed = run_epoch(engine, source, chunks, num_workers=cfg.num_workers,
-                                      seed=fold_seed * 1000 + epoch, schedule=schedule,
-                                      desc=f"fold {fold} epoch {epoch}/{cfg.epochs}")
-        val_probs = engine.predict(val_images, cfg.batch_size * 2)
-        val_labels = labels[split.val]
-        val_loss = _val_loss(val_probs, val_labels)
-        val_auc = auc_score(val_labels, val_probs)
-        schedule.step_epoch(val_loss)
-        record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": val_auc,
-                  "lr": lr, "images_per_s": speed}
-        history.append(record)
-        improved = _better(val_auc, val_loss, best)
-        if improved:
-            best, best_epoch, stale = (val_auc, val_loss), epoch, 0
-            best_state = copy.deepcopy({k: v.detach().to("cpu") for k, v in engine.model.state_dict().items()})
-        else:
-            stale += 1
-        print(f"fold {fold} epoch {epoch}/{cfg.epochs}: train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
-              f"val_auc {val_auc:.4f} lr {lr:.2e} {speed:.1f} img/s{' *' if improved else ''}",
-              file=sys.stderr, flush=True)
-        if epoch_callback is not None:
-            epoch_callback(epoch, dict(record))
-        if cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
-            break
-
-    engine.model.load_state_dict(best_state)
-    test_probs = engine.predict(store.images[split.test], cfg.batch_size * 2)
+    test_probs = fit.engine.predict(store.images[split.test], cfg.batch_size * 2)
     predictions = predictions_frame(store, split.test, test_probs)
-
-    meta.update({"best_epoch": best_epoch, "val_auc": best[0], **(extra_meta or {})})
+    meta.update({"best_epoch": fit.best_epoch, "val_auc": fit.best_val_auc, **(extra_meta or {})})
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / PREDICTIONS_FILE) as tmp:
         predictions.to_csv(tmp, index=False)
-    save_checkpoint(out_dir, engine.model, meta)  # meta.json written last marks the folder complete
+    save_checkpoint(out_dir, fit.engine.model, meta)  # meta.json written last marks the folder complete
     return FoldResult(
-        fold=fold, history=history, best_epoch=best_epoch, best_val_auc=float(best[0]),
+        fold=fold, history=fit.history, best_epoch=fit.best_epoch, best_val_auc=fit.best_val_auc,
         test_predictions=predictions, checkpoint_dir=out_dir, seconds=time.perf_counter() - started,
         split_sizes={"train": len(split.train), "val": len(split.val), "test": len(split.test)},
+    )
+
+
+def train_all(params: Params, store: PreparedStore, out_dir: Path, *,
+              epoch_callback: EpochCallback | None = None, device=None,
+              extra_meta: dict[str, Any] | None = None) -> FoldResult:
+    """Refit on every image for exactly train.epochs (no validation, no early stopping, the
+    last epoch kept): register's `refit` strategy, with epochs chosen by the CV beforehand.
+
+    Writes model.pt and meta.json (fold null); there is no test fold, so no predictions.
+    """
+    cfg = params.train
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    rows = np.arange(len(store.images))
+    meta = checkpoint_meta(params, store, fold=None)
+    fit = _fit(params, store, meta, rows, rows[:0], cfg.seed, "all data", device, epoch_callback)
+    meta.update({"best_epoch": fit.best_epoch, "val_auc": None, "trained_on": "all", **(extra_meta or {})})
+    save_checkpoint(out_dir, fit.engine.model, meta)
+    empty = predictions_frame(store, rows[:0], np.zeros((0, len(store.classes))))
+    return FoldResult(
+        fold=-1, history=fit.history, best_epoch=fit.best_epoch, best_val_auc=float("nan"),
+        test_predictions=empty, checkpoint_dir=out_dir, seconds=time.perf_counter() - started,
+        split_sizes={"train": len(rows), "val": 0, "test": 0},
     )

@@ -20,18 +20,21 @@ GOOD_METRICS = {
 }
 
 
-def make_params(tmp: Path, mode: str = "full", **register) -> Params:
-    """Every path of the pipeline inside `tmp`; a 32 px full-mode (or crop-mode) preprocessing."""
+def make_params(tmp: Path, mode: str = "full", store: Path | None = None, **register) -> Params:
+    """Every path of the pipeline inside `tmp`; a 32 px full-mode (or crop-mode) preprocessing.
+    `store`: the MLflow folder (default tmp/mlruns); tests share one because creating an
+    MLflow database costs seconds."""
+    store = store or tmp / "mlruns"
     raw = {
         "data": {"root": str(tmp / "data" / "images"), "name": "toy"},
         "phantom": {"out": str(tmp / "data" / "phantom")},
-        "prepare": prepare_section(mode),
+        "prepare": {**prepare_section(mode), "out": str(tmp / "data" / "prepared")},
         "train": {"out": str(tmp / "models"), "model": MODEL, "folds": 2},
         "evaluate": {"out": str(tmp / "reports")},
         "gradcam": {"out": str(tmp / "reports" / "gradcam")},
         "register": {"out": str(tmp / "reports" / "register"), "example_size": [48, 96], **register},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}",
-                   "artifact_root": str(tmp / "mlruns" / "artifacts"), "experiment": "test"},
+        "mlflow": {"tracking_uri": f"sqlite:///{store / 'mlflow.db'}",
+                   "artifact_root": str(store / "artifacts"), "experiment": "test"},
     }
     return params_from_dict(raw)
 
@@ -41,19 +44,23 @@ def prepare_section(mode: str = "full") -> dict:
             "crop": {"side": 40, "reference_width": None, "size": 32}}
 
 
-def checkpoint_meta(params: Params, fold: int) -> dict:
+def checkpoint_meta(params: Params, fold: int, store_meta: dict | None = None) -> dict:
     """Meta as src.trainer.checkpoint_meta writes it (store meta copied under 'preprocessing')."""
     prep = PrepareParams.model_validate(params.prepare.model_dump()).model_dump(mode="json")
+    copied = {"mode": prep["mode"], "size": [32, 32], "dtype": "uint8", "preprocessing": prep,
+              "data_root": params.data.root, "manifest_sha256": "ab" * 32}
+    if store_meta is not None:
+        keep = ("mode", "size", "dtype", "preprocessing", "data_root", "manifest_sha256")
+        copied = {k: store_meta[k] for k in keep if k in store_meta}
     return {
         "model": MODEL, "in_chans": 1, "num_classes": len(CLASSES), "classes": CLASSES,
         "positive_class": "C3", "input_size": [32, 32], "normalization": {"mean": 0.5, "std": 0.25},
-        "preprocessing": {"mode": prep["mode"], "size": [32, 32], "dtype": "uint8", "preprocessing": prep,
-                          "data_root": params.data.root, "manifest_sha256": "ab" * 32},
+        "preprocessing": copied,
         "fold": fold, "drop_rate": 0.0, "best_epoch": 2 + fold, "val_auc": 0.8,
     }
 
 
-def make_checkpoints(params: Params, folds: int = 2, seed: int = 0) -> list[Path]:
+def make_checkpoints(params: Params, folds: int = 2, seed: int = 0, store_meta: dict | None = None) -> list[Path]:
     """`folds` differently initialised tiny EfficientNets saved like training does."""
     out = []
     for k in range(folds):
@@ -65,7 +72,7 @@ def make_checkpoints(params: Params, folds: int = 2, seed: int = 0) -> list[Path
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
         d = Path(params.train.out) / f"fold_{k}"
-        save_checkpoint(d, model, checkpoint_meta(params, k))
+        save_checkpoint(d, model, checkpoint_meta(params, k, store_meta))
         (d / "test_predictions.csv").write_text("index,file,patient\n0,secret/patient.png,P001\n")
         out.append(d)
     return out
@@ -96,8 +103,9 @@ def write_metrics(params: Params, **overrides: float) -> dict:
     return metrics
 
 
-def make_pipeline_outputs(params: Params, folds: int = 2, seed: int = 0, **metrics: float) -> list[Path]:
-    dirs = make_checkpoints(params, folds=folds, seed=seed)
+def make_pipeline_outputs(params: Params, folds: int = 2, seed: int = 0, store_meta: dict | None = None,
+                          **metrics: float) -> list[Path]:
+    dirs = make_checkpoints(params, folds=folds, seed=seed, store_meta=store_meta)
     make_cv_run(params, folds=folds)
     write_metrics(params, **metrics)
     return dirs

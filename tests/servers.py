@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -76,13 +77,15 @@ def postgres_missing_reason() -> str | None:
 
 
 @contextlib.contextmanager
-def postgres_server(tmp: Path) -> Iterator[str]:
+def postgres_server() -> Iterator[str]:
     """Start a throw-away PostgreSQL cluster; yields a SQLAlchemy URL for database `bonehealth`."""
     reason = postgres_missing_reason()
     if reason:
         import pytest
 
         pytest.skip(reason)
+    # pytest's tmp dirs are private to root; the server user needs a folder of its own.
+    tmp = Path(tempfile.mkdtemp(prefix="bone-health-pg-"))
     data, sock = tmp / "pgdata", tmp / "pgsock"
     for d in (data, sock):
         d.mkdir(parents=True, exist_ok=True)
@@ -121,6 +124,7 @@ def postgres_server(tmp: Path) -> Iterator[str]:
         yield url
     finally:
         stop_group(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- MLflow server

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from registry_helpers import (GOOD_METRICS, expected_probs, make_params, make_pipeline_outputs, radiograph,
+from registry_helpers import (expected_probs, make_params, make_pipeline_outputs, radiograph,
                               write_metrics, write_png)
 from src.errors import BoneHealthError
 from src.imaging import read_image
@@ -26,9 +26,15 @@ def b64(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def registered_once(tmp_path_factory):
+def store(tmp_path_factory):
+    """One MLflow store for the module; each test registers under its own model name."""
+    return tmp_path_factory.mktemp("mlruns")
+
+
+@pytest.fixture(scope="module")
+def registered_once(tmp_path_factory, store):
     tmp = tmp_path_factory.mktemp("reg")
-    params = make_params(tmp)
+    params = make_params(tmp, store=store)
     dirs = make_pipeline_outputs(params)
     result = register(params)
     return params, dirs, result, tmp
@@ -68,7 +74,8 @@ def test_register_creates_challenger_with_tags_and_card(registered):
     assert "| oof_roc_auc | 0.8100 | 0.7400 | 0.8800 |" in card
     assert "oof_brier: 0.1700" in card and "oof_ece: 0.0500" in card
     assert "Grad-CAM faithfulness" in card and "Not available" in card
-    assert "## Limitations" in card and "v1" in card.splitlines()[0]
+    assert "## Limitations" in card and "v1" in card.splitlines()[0] and "| best_epochs | 2, 3 |" in card
+    assert "rolling ball off, CLAHE off" in card
     local = Path(params.register.out)
     assert (local / "model_card.md").read_text() == card
     assert json.loads((local / "registered.json").read_text())["version"] == "1"
@@ -114,10 +121,25 @@ def test_pyfunc_rejects_bad_base64_naming_the_row(registered):
         model.predict(pd.DataFrame({"image": ["***not base64***"]}))
 
 
-def test_crop_mode_model_uses_the_box(tmp_path):
-    params = make_params(tmp_path, mode="crop")
+def test_crop_mode_model_uses_the_box(tmp_path, store):
+    params = make_params(tmp_path, mode="crop", store=store, name="crop-model")
     dirs = make_pipeline_outputs(params)
+    # Optional inputs of the card: a prepared store's meta + manifest, and Grad-CAM metrics.
+    prepared = Path(params.prepare.out)
+    prepared.mkdir(parents=True)
+    phantom_images = str(Path(params.phantom.out) / "images")  # the store was built from the phantom
+    (prepared / "meta.json").write_text(json.dumps({"manifest_sha256": "cd" * 32, "n_images": 3,
+                                                    "data_root": phantom_images}))
+    (prepared / "manifest.csv").write_text("index,file,class,patient\n0,a.png,C1,P1\n1,b.png,C3,P2\n2,c.png,C3,P2\n")
+    gradcam = Path(params.gradcam.out)
+    gradcam.mkdir(parents=True)
+    (gradcam / "metrics.json").write_text(json.dumps({"cam_energy_inside_mean": 0.61, "road_score": None}))
     result = register(params)
+    card = (Path(params.register.out) / "model_card.md").read_text()
+    assert "| cam_energy_inside_mean | 0.6100 |" in card and "road_score" not in card
+    assert "- images_per_class: {'C1': 1, 'C3': 2}" in card and "- patients: 2" in card
+    assert "- synthetic_phantom: True" in card and "Trained and evaluated on SYNTHETIC phantom" in card
+    assert MlflowClient().get_model_version("crop-model", result.version).tags["manifest_sha256"] == "cd" * 32
     model = mlflow.pyfunc.load_model(result.model_uri)
     path = write_png(tmp_path / "r.png", radiograph(96, 160, seed=3))
     box = (60.0, 50.0, 20.0, 16.0)
@@ -129,8 +151,8 @@ def test_crop_mode_model_uses_the_box(tmp_path):
         model.predict(pd.DataFrame({"image": [b64(path)]}))
 
 
-def test_register_input_errors_are_one_line(tmp_path):
-    params = make_params(tmp_path)
+def test_register_input_errors_are_one_line(tmp_path, store):
+    params = make_params(tmp_path, store=store, name="never-complete")
     with pytest.raises(BoneHealthError, match=r"cv\.json: cross-validation summary .*not found"):
         register(params)
     make_pipeline_outputs(params)
@@ -138,15 +160,45 @@ def test_register_input_errors_are_one_line(tmp_path):
     with pytest.raises(BoneHealthError, match=r"metrics\.json: metric 'oof_roc_auc' \(register\.gate\) is missing"):
         register(params)
     write_metrics(params)
-    with pytest.raises(BoneHealthError, match=r"register\.strategy=refit is not available"):
-        register(params, strategy="refit")
+    with pytest.raises(BoneHealthError, match=r"prepared/images\.npy: prepared store incomplete"):
+        register(params, strategy="refit")  # a refit trains on the prepared store
     (Path(params.train.out) / "fold_1" / "model.pt").unlink()
     with pytest.raises(BoneHealthError, match=r"fold_1/model\.pt: fold checkpoint missing"):
         register(params)
 
 
-def test_register_refuses_a_parent_run_missing_from_the_store(tmp_path):
-    params = make_params(tmp_path)
+def test_refit_registers_one_model_trained_on_all_data(tmp_path, store):
+    from src.pyfunc_model import checkpoint_dirs
+    from train_helpers import make_tiny_store
+
+    params = make_params(tmp_path, store=store, name="refit-model")
+    params.train.batch_size = 8
+    prepared = make_tiny_store(params.prepare.out, n_per_class=6, size=32, folds=2)
+    store_meta = json.loads((prepared / "meta.json").read_text())
+    make_pipeline_outputs(params, store_meta=store_meta)  # fold best epochs 2 and 3
+    result = register(params, strategy="refit")
+
+    mv = MlflowClient().get_model_version("refit-model", result.version)
+    assert mv.tags["strategy"] == "refit" and mv.tags["n_models"] == "1"
+    dirs = checkpoint_dirs(result.model_uri, dst=tmp_path / "dl")
+    assert [d.name for d in dirs] == ["fold_refit"]
+    meta = json.loads((dirs[0] / "meta.json").read_text())
+    assert meta["trained_on"] == "all" and meta["refit_epochs"] == 3 and meta["fold"] is None
+    path = write_png(tmp_path / "r.png", radiograph(96, 160, seed=5))
+    box = (70.0, 50.0, 20.0, 16.0)  # the tiny store is in crop mode
+    frame = pd.DataFrame({"image": [b64(path)], "box_x": [box[0]], "box_y": [box[1]], "box_w": [box[2]], "box_h": [box[3]]})
+    out = mlflow.pyfunc.load_model(result.model_uri).predict(frame)
+    np.testing.assert_allclose(out.loc[0, ["prob_C1", "prob_C3"]].to_numpy(dtype=float),
+                               expected_probs(dirs, read_image(path), box), rtol=1e-5, atol=1e-6)
+
+    store_meta["manifest_sha256"] = "0" * 64  # the data changed after the CV
+    (prepared / "meta.json").write_text(json.dumps(store_meta))
+    with pytest.raises(BoneHealthError, match=r"manifest_sha256 differs from the one the CV folds were trained on"):
+        register(params, strategy="refit")
+
+
+def test_register_refuses_a_parent_run_missing_from_the_store(tmp_path, store):
+    params = make_params(tmp_path, store=store, name="orphan")
     make_pipeline_outputs(params)
     cv_path = Path(params.train.out) / "cv.json"
     cv = json.loads(cv_path.read_text())
@@ -156,12 +208,15 @@ def test_register_refuses_a_parent_run_missing_from_the_store(tmp_path):
         register(params)
 
 
+NAME = "promoted"
+
+
 def _champion(client) -> str:
-    return str(client.get_model_version_by_alias("bone-health", "champion").version)
+    return str(client.get_model_version_by_alias(NAME, "champion").version)
 
 
-def test_promote_gate_force_and_rollback(tmp_path, capsys):
-    params = make_params(tmp_path)
+def test_promote_gate_force_and_rollback(tmp_path, store, capsys):
+    params = make_params(tmp_path, store=store, name=NAME)
     make_pipeline_outputs(params)
     client_versions = []
 
@@ -192,10 +247,10 @@ def test_promote_gate_force_and_rollback(tmp_path, capsys):
 
     forced = promote(params, force=True)
     assert forced.moved and forced.action == "force" and _champion(client) == v3
-    tags = client.get_model_version("bone-health", v3).tags
+    tags = client.get_model_version(NAME, v3).tags
     assert tags["champion_action"] == "force"
     assert json.loads(tags["champion_periods"])[0]["previous"] == v1
-    assert client.get_model_version("bone-health", v1).tags["champion_replaced_by"] == v3
+    assert client.get_model_version(NAME, v1).tags["champion_replaced_by"] == v3
 
     back = rollback(params)
     assert back.moved and back.champion == v1 and back.previous == v3 and _champion(client) == v1
@@ -208,13 +263,13 @@ def test_promote_gate_force_and_rollback(tmp_path, capsys):
     with pytest.raises(BoneHealthError, match="no previous holder"):
         rollback(params)
 
-    periods = json.loads(client.get_model_version("bone-health", v1).tags["champion_periods"])
+    periods = json.loads(client.get_model_version(NAME, v1).tags["champion_periods"])
     assert [p["action"] for p in periods] == ["first", "rollback", "rollback"]
     assert all(p["until"] for p in periods[:-1]) and periods[-1]["until"] is None
-    history = json.loads(client.get_registered_model("bone-health").tags["champion_history"])
+    history = json.loads(client.get_registered_model(NAME).tags["champion_history"])
     assert [(e["action"], e["from"], e["to"]) for e in history] == [
         ("first", None, v1), ("force", v1, v3), ("rollback", v3, v1), ("gate", v1, v4), ("rollback", v4, v1)]
-    assert str(client.get_model_version_by_alias("bone-health", "challenger").version) == v4
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == v4
 
 
 def test_gate_min_gain_and_minimize(tmp_path):
@@ -232,9 +287,9 @@ def test_gate_min_gain_and_minimize(tmp_path):
     assert not missing.promote and "challenger has no usable 'oof_roc_auc'" in missing.reasons[0]
 
 
-def test_promote_without_registered_model_is_one_line(tmp_path):
-    params = make_params(tmp_path)
-    with pytest.raises(BoneHealthError, match=r"no registered model 'bone-health'.*src\.register"):
+def test_promote_without_registered_model_is_one_line(tmp_path, store):
+    params = make_params(tmp_path, store=store, name="never-registered")
+    with pytest.raises(BoneHealthError, match=r"no registered model 'never-registered'.*src\.register"):
         promote(params)
 
 

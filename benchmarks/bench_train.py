@@ -1,0 +1,140 @@
+"""Training throughput: the real trainer's epoch against a bare optimiser loop, same process.
+
+    python benchmarks/bench_train.py [--params params.yaml] [--set train.batch_size=32 ...]
+                                     [--batches 10] [--rounds 3] [--store DIR]
+
+"trainer" runs `src.trainer.run_epoch`: batches read from the prepared memmap store by
+index arrays, albumentations on each image, normalisation, forward/backward/step with the
+configured AMP and channels_last.  "bare" runs forward/backward/step of the same model,
+batch and input size on a random tensor already on the device.  Rounds alternate the
+two so that other load on a shared machine hits both alike; medians are printed, then
+the ratio (target >= 0.90).  Without a prepared store (or with --synthetic) a random
+uint8 store of the params' size is written to a temporary folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from src.augment import build_augment  # noqa: E402
+from src.config import add_params_args, params_from_args  # noqa: E402
+from src.store import PreparedStore  # noqa: E402
+from src.trainer import (BatchSource, amp_dtype, autocast_context, batches_of, build_engine,  # noqa: E402
+                         checkpoint_meta, run_epoch, select_device)
+
+
+def synthetic_store(root: Path, n: int, size: int, classes=("C1", "C3")) -> PreparedStore:
+    rng = np.random.default_rng(0)
+    np.save(root / "images.npy", rng.integers(0, 256, (n, size, size), dtype=np.uint8))
+    labels = np.arange(n) % len(classes)
+    pd.DataFrame({"index": np.arange(n), "file": [f"{i}.png" for i in range(n)],
+                  "class": np.asarray(classes)[labels], "label": labels,
+                  "patient": [f"P{i}" for i in range(n)], "fold": np.arange(n) % 5}).to_csv(root / "manifest.csv", index=False)
+    (root / "meta.json").write_text(json.dumps({"mode": "crop", "size": [size, size], "dtype": "uint8",
+                                                "classes": list(classes), "positive_class": classes[-1], "folds": 5}))
+    return PreparedStore.open(root)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bare_rate(engine, x: torch.Tensor, y: torch.Tensor, batches: int) -> float:
+    """Forward/backward/step on a resident tensor: the ceiling for this model, batch and size."""
+    engine.model.train()
+    _sync(engine.device)
+    start = time.perf_counter()
+    for _ in range(batches):
+        engine.optimizer.zero_grad(set_to_none=True)
+        with autocast_context(engine.device, engine.amp):
+            loss = engine.criterion(engine.model(x).float(), y)
+        if engine.scaler is not None:
+            engine.scaler.scale(loss).backward()
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            loss.backward()
+            engine.optimizer.step()
+    _sync(engine.device)
+    return batches * len(y) / (time.perf_counter() - start)
+
+
+def trainer_rate(engine, source: BatchSource, chunks: list[np.ndarray], num_workers: int) -> float:
+    _sync(engine.device)
+    start = time.perf_counter()
+    run_epoch(engine, source, chunks, num_workers=num_workers, desc="trainer")
+    _sync(engine.device)
+    return sum(len(c) for c in chunks) / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_params_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument("--batches", type=int, default=10, help="timed batches per round and loop")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--store", default=None, help="prepared store (default: prepare.out)")
+    parser.add_argument("--synthetic", action="store_true", help="random store of the params' size")
+    args = parser.parse_args(argv)
+    params = params_from_args(args)
+    cfg = params.train
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tmp = tempfile.TemporaryDirectory()
+    store_dir = Path(args.store or params.prepare.out)
+    if args.synthetic or not (store_dir / "meta.json").is_file():
+        size = cfg.image_size or params.prepare.crop.size
+        store = synthetic_store(Path(tmp.name), max(64, cfg.batch_size * (args.batches + 2)), size)
+        origin = f"synthetic {size}x{size} uint8"
+    else:
+        store = PreparedStore.open(store_dir)
+        origin = str(store_dir)
+    device = select_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    meta = checkpoint_meta(params, store, fold=0)
+    engine = build_engine(cfg, meta, device, store.labels)
+    source = BatchSource(store, build_augment(cfg.augment, seed=cfg.seed))
+    rng = np.random.default_rng(cfg.seed)
+    need = cfg.batch_size * args.batches
+    rows = np.resize(rng.permutation(len(store.images)), need)
+    chunks = list(batches_of(rows, cfg.batch_size))
+
+    h, w = meta["input_size"]
+    x = torch.randn(cfg.batch_size, cfg.in_chans, h, w, device=device)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, len(store.classes), (cfg.batch_size,), device=device)
+
+    # Warm-up: first calls allocate, pick kernels and fault in the memmap.
+    trainer_rate(engine, source, chunks[:2], cfg.num_workers)
+    bare_rate(engine, x, y, 2)
+    trainer, bare = [], []
+    for _ in range(args.rounds):
+        trainer.append(trainer_rate(engine, source, chunks, cfg.num_workers))
+        bare.append(bare_rate(engine, x, y, args.batches))
+    t, b = statistics.median(trainer), statistics.median(bare)
+    amp = amp_dtype(cfg.amp, device)
+    print(f"model {cfg.model}, input {h}x{w}x{cfg.in_chans}, batch {cfg.batch_size}, device {device}, "
+          f"amp {str(amp).replace('torch.', '') if amp else 'off'}, channels_last {cfg.channels_last}, "
+          f"threads {torch.get_num_threads()}, augment strength {cfg.augment.strength if cfg.augment.enabled else 0}, "
+          f"store {origin}")
+    print(f"rounds {args.rounds} x {args.batches} batches; trainer {['%.1f' % v for v in trainer]}, bare {['%.1f' % v for v in bare]}")
+    print(f"trainer: {t:.1f} img/s")
+    print(f"bare:    {b:.1f} img/s")
+    print(f"ratio:   {t / b:.3f}  (target >= 0.90)")
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
