@@ -74,7 +74,7 @@ def phantom_or_synthetic(tmp: Path, n: int) -> tuple[dict[str, Path], str]:
                       followup_fraction=0.0, width=WIDTH, height=HEIGHT, bit_depth=8)
     generate(p)
     out = tmp / "phantom"
-    return {"root": out / "images", "manifest": out / "manifest.csv", "annotations": out / "annotations.json"}, "src.phantom"
+    return {"root": out, "manifest": out / "manifest.csv", "annotations": out / "annotations.json"}, "src.phantom"
 
 
 def timed(fn, repeats: int = 1) -> tuple[float, float]:
@@ -100,8 +100,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp_text:
         tmp = Path(tmp_text)
         if args.data:
-            paths = {"root": args.data, "manifest": args.data.parent / "manifest.csv",
-                     "annotations": args.data.parent / "annotations.json"}
+            paths = {"root": args.data, "manifest": args.data / "manifest.csv",
+                     "annotations": args.data / "annotations.json"}
             source = str(args.data)
         else:
             paths, source = phantom_or_synthetic(tmp, args.n)

@@ -48,7 +48,7 @@ def measure(out: Path, masks: Path) -> dict[str, np.ndarray | list]:
     res: dict[str, list] = {k: [] for k in ("label", "patient", "severity", "drawn", "width", "profile", "global")}
     for r in rows:
         t = truth[r["file"]]
-        image = cv2.imread(str(out / "images" / r["file"]), cv2.IMREAD_UNCHANGED)
+        image = cv2.imread(str(out / r["file"]), cv2.IMREAD_UNCHANGED)
         m = cortex_profile(image, [float(r[k]) for k in ("box_x", "box_y", "box_w", "box_h")], float(t["mm_per_px"]))
         res["label"].append(int(t["label"]))
         res["patient"].append(r["patient_id"])

@@ -31,7 +31,7 @@ class Section(BaseModel):
 
 # --------------------------------------------------------------------------- data
 class DataParams(Section):
-    root: str = "data/phantom/images"
+    root: str = "data/phantom"
     manifest: Optional[str] = "data/phantom/manifest.csv"
     annotations: Optional[str] = "data/phantom/annotations.json"
     patient_regex: Optional[str] = None
@@ -266,7 +266,7 @@ class GateParams(Section):
 class RegisterParams(Section):
     name: str = "bone-health"
     strategy: Literal["ensemble", "refit"] = "ensemble"
-    out: str = "reports/register"
+    out: str = "reports"
     challenger_alias: str = Field("challenger", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
     champion_alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
     batch_size: int = Field(16, ge=1)

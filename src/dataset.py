@@ -83,8 +83,9 @@ def discover(data, folds: int | None = None) -> Dataset:
     ds = Dataset(root=root, classes=classes, positive_class=data.positive_class, records=[], folds=folds,
                  on_bad_file=data.on_bad_file, on_label_conflict=data.on_label_conflict)
 
+    sidecars = {Path(p).resolve() for p in (data.manifest, data.annotations) if p}
     for item in sorted(root.iterdir()):
-        if item.is_file() and not item.name.startswith("."):
+        if item.is_file() and not item.name.startswith(".") and item.resolve() not in sidecars:
             ds.ignored.append({"file": item.name, "reason": "not inside a class folder"})
     for label, cls in enumerate(classes):
         for path in sorted(p for p in (root / cls).rglob("*") if p.is_file()):

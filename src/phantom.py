@@ -4,7 +4,7 @@
     python -m src.phantom --figure docs/figures/phantom_examples.png
 
 Writes, each folder swapped in whole (src.fileio.atomic_dir):
-  {phantom.out}/images/<class>/P0007_v1.png   grey PNG, 8 or 16 bit
+  {phantom.out}/<class>/P0007_v1.png          grey PNG, 8 or 16 bit (data.root points here)
   {phantom.out}/manifest.csv                  file,patient_id,class,box_x,box_y,box_w,box_h
   {phantom.out}/annotations.json              COCO boxes ("cortex"), CVAT export style
   {phantom.masks_out}/<class>/P0007_v1.png    0/255 mask of the diagnostic cortex band (both sides)
@@ -222,14 +222,14 @@ def generate(p: PhantomParams) -> dict:
     truth_rows = []
     with atomic_dir(out) as tmp_out, atomic_dir(masks_out) as tmp_masks:
         for cls in p.classes:
-            (tmp_out / "images" / cls).mkdir(parents=True)
+            (tmp_out / cls).mkdir(parents=True)
             (tmp_masks / cls).mkdir(parents=True)
         # PNG encoding releases the GIL: one writer thread overlaps it with drawing
         with ThreadPoolExecutor(max_workers=1) as writer:
             pending: list = []
             for im, rad in render(planned, f):
                 boxes[im.file] = rad.box
-                pending.append(writer.submit(_write_png, tmp_out / "images" / im.file, quantize(rad.image, p.bit_depth)))
+                pending.append(writer.submit(_write_png, tmp_out / im.file, quantize(rad.image, p.bit_depth)))
                 pending.append(writer.submit(_write_png, tmp_masks / im.file, np.where(rad.mask, 255, 0).astype(np.uint8)))
                 truth_rows.append([im.file, im.patient_id, im.cls, im.label, im.visit,
                                    f"{im.patient.severity:.4f}", f"{im.patient.cortex_mm:.3f}", f"{f.mm_per_px:.5f}"])

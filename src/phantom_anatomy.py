@@ -9,15 +9,19 @@ panoramics; sizes (cortex, teeth, canal, blur) are in mm.  A field taller than h
 the jaw centred at the same scale.
 
 Projection.  Tissues add up as an attenuation map A (soft tissue ~0.25, cancellous bone ~0.2
-on top, cortex ~0.8, enamel ~0.95, metal ~2.5) drawn in an upright "anatomy frame"; a visit warps
+on top, cortex ~0.7, dentin ~0.75, enamel ~1.15, metal ~2.5) drawn in an upright "anatomy frame"
+(teeth are denser than the cortex, as on real films, so the cortex does not sit in the extreme
+bright tail of the histogram where a small change would show globally); a visit warps
 A with its pose (one affine warp), maps it to intensity with its exposure, contrast and gamma,
 blurs it and adds noise.  Follow-up images of a patient reuse the same anatomy.
 
-Class signal (Klemetti 1994; Taguchi 1996; Devlin & Horner 2007, OSTEODENT): only the mandibular
+Class signal (Klemetti et al. 1994; Devlin et al. 2007, OSTEODENT; docs/PHANTOM.md): only the mandibular
 bone, driven by one latent `severity` in (0, 1): the width of the inferior cortex (`cortex_mm`:
 healthy ~3-5 mm, osteoporotic < 3 mm), semilunar erosions and cortical residues on its endosteal
-margin, cortical porosity, and a sparser trabecular pattern whose mean density is held constant
-so that nothing global (mean brightness) betrays the class.  Every other draw ignores the class.
+margin, cortical porosity, and a sparser trabecular pattern.  To keep the class out of global
+image statistics, the cortex changes only within ZONE_MM of each mental foramen (elsewhere its
+width is the patient's own, class-free `base_cortex_mm`) and cancellous bone is histogram-matched
+to one fixed distribution.  Every other draw ignores the class.
 
 Speed.  Each shape is evaluated inside its own bounding box with cheap ramps instead of
 transcendental functions; one patient draws in a few tens of milliseconds at 1024 x 512.

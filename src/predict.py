@@ -1,4 +1,4 @@
-"""Predict new radiographs: `python -m src.predict FILE_OR_FOLDER... [--model URI] [--cam DIR] [--json] [--box x,y,w,h]`.
+"""Predict new radiographs: `python -m src.predict FILE_OR_FOLDER... [--model URI] [--cam DIR] [--json] [--box x,y,w,h] [--boxes CSV]`.
 
 Uses the same `Ensemble` as the registered pyfunc (src/pyfunc_model.py), so a file predicted
 here gets the probabilities that `mlflow models serve` returns for its bytes.  Each file is
@@ -24,7 +24,7 @@ import pandas as pd
 from src.cli import run_main
 from src.config import Params, add_params_args, params_from_args
 from src.errors import BoneHealthError
-from src.pyfunc_model import Box, Ensemble, checkpoint_dirs, parse_box, prob_column
+from src.pyfunc_model import BOX_COLUMNS, Box, Ensemble, checkpoint_dirs, parse_box, prob_column
 from src.text_table import text_table
 
 FILE_COLUMN = "file"
@@ -81,14 +81,53 @@ def load_ensemble(params: Params, model: str | None = None) -> Ensemble:
         return Ensemble(dirs, batch_size=params.register.batch_size)
 
 
-def predict_files(ensemble: Ensemble, files: list[Path], box: Box | None = None) -> list[Prediction]:
+def read_boxes(path: str | Path) -> dict[str, Box]:
+    """file -> box from a CSV with columns file, box_x, box_y, box_w, box_h (the ingestion
+    manifest's format, so data.manifest itself can be passed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BoneHealthError(f"--boxes {path}: file not found")
+    try:
+        frame = pd.read_csv(path, dtype={"file": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise BoneHealthError(f"--boxes {path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    missing = [c for c in ("file", *BOX_COLUMNS) if c not in frame.columns]
+    if missing:
+        raise BoneHealthError(f"--boxes {path}: missing column(s) {', '.join(missing)}; expected file, {', '.join(BOX_COLUMNS)}")
+    out: dict[str, Box] = {}
+    for line, row in enumerate(frame[["file", *BOX_COLUMNS]].itertuples(index=False, name=None), start=2):
+        box = parse_box(row[1:], f"--boxes {path} line {line}")
+        if box is not None:
+            out[Path(row[0]).as_posix()] = box
+    return out
+
+
+def box_for(file: Path, boxes: dict[str, Box], default: Box | None) -> Box | None:
+    """The file's own box (by its path as given, or as a path relative to some folder), else --box."""
+    posix = Path(file).as_posix()
+    if posix in boxes:
+        return boxes[posix]
+    for key, box in boxes.items():
+        if posix.endswith("/" + key.lstrip("./")):
+            return box
+    return default
+
+
+def predict_files(ensemble: Ensemble, files: list[Path], box: Box | None = None,
+                  boxes: dict[str, Box] | None = None) -> list[Prediction]:
     """One Prediction per file, in order; decode/preprocess failures become error rows."""
     results = [Prediction(file=str(f)) for f in files]
     arrays: list[np.ndarray] = []
     ok: list[int] = []
+    crop = ensemble.preprocessing.get("mode") == "crop"
     for i, path in enumerate(files):
+        file_box = box_for(path, boxes or {}, box)
+        if crop and file_box is None:
+            results[i].error = ("crop-mode model: this file needs its cortex box "
+                                "(--box x,y,w,h, or --boxes CSV with file,box_x,box_y,box_w,box_h)")
+            continue
         try:
-            arrays.append(ensemble.prepare_file(path, box))
+            arrays.append(ensemble.prepare_file(path, file_box))
             ok.append(i)
         except BoneHealthError as exc:
             results[i].error = _one_line(exc, path)
@@ -180,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     parser.add_argument("--box", default=None, metavar="x,y,w,h",
                         help="crop box in source pixels for every file (crop-mode models)")
+    parser.add_argument("--boxes", default=None, metavar="CSV",
+                        help="per-file boxes: columns file,box_x,box_y,box_w,box_h (e.g. data.manifest); wins over --box")
     add_params_args(parser)
     return parser
 
@@ -188,11 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     params = params_from_args(args)
     box = parse_box(args.box, "--box") if args.box else None
+    boxes = read_boxes(args.boxes) if args.boxes else None
     files = expand_inputs(args.inputs, params.data.extensions)
     if not files:
         raise BoneHealthError(f"{', '.join(args.inputs)}: no image files found (extensions {params.data.extensions})")
     ensemble = load_ensemble(params, args.model)
-    results = predict_files(ensemble, files, box)
+    results = predict_files(ensemble, files, box, boxes)
     if args.cam is not None:
         write_cams(ensemble, results, args.cam, params)
     frame = results_frame(results, ensemble.classes)

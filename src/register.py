@@ -38,7 +38,8 @@ from src.pyfunc_model import (BOX_COLUMNS, CARD_KEY, CHECKPOINT_PREFIX, IMAGE_CO
 CV_FILE = "cv.json"
 METRICS_FILE = "metrics.json"
 CARD_FILE = "model_card.md"
-CARD_METADATA_FILE = "metadata.json"
+CARD_METADATA_FILE = "metadata.json"  # its name in the run, as in a MONAI bundle
+LOCAL_METADATA_FILE = "model_card.json"  # its name in register.out, beside evaluate's files
 RESULT_FILE = "registered.json"
 METRIC_TAG_PREFIX = "metric."
 MODEL_ARTIFACT_NAME = "model"
@@ -102,12 +103,12 @@ def fold_dirs(train_out: Path, cv: dict[str, Any]) -> list[Path]:
     return dirs
 
 
-def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float | int]:
     out = {}
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        out[key] = float(value)
+        out[key] = value  # counts stay ints: "n_images 22", not "22.0000"
     return out
 
 
@@ -121,31 +122,33 @@ def gate_metrics_present(metrics: dict[str, Any], params: Params, path: Path) ->
 
 
 def store_info(params: Params, meta: dict[str, Any]) -> dict[str, Any]:
-    """Data provenance from the prepared store when present, else from the checkpoint's copy."""
-    prep_meta = meta.get("preprocessing") or {}
-    info: dict[str, Any] = {
-        "name": params.data.name or Path(params.data.root).name,
-        "root": params.data.root,
-        "manifest_sha256": prep_meta.get("manifest_sha256"),
-    }
+    """Data provenance: the manifest hash the checkpoints were trained on, and counts from the
+    prepared store when it still holds that same data."""
+    from src.train import dataset_name
+
+    trained_on = (meta.get("preprocessing") or {}).get("manifest_sha256")
+    info: dict[str, Any] = {"name": dataset_name(params), "root": params.data.root, "manifest_sha256": trained_on}
     store = Path(params.prepare.out)
     store_meta_path = store / "meta.json"
-    if store_meta_path.is_file():
-        store_meta = read_json(store_meta_path, "prepared store meta")
-        info["manifest_sha256"] = store_meta.get("manifest_sha256") or info["manifest_sha256"]
-        info["n_images"] = store_meta.get("n_images")
-        info["root"] = store_meta.get("data_root", info["root"])
-        manifest = store / "manifest.csv"
-        if manifest.is_file():
-            frame = pd.read_csv(manifest, usecols=lambda c: c in ("class", "patient"), dtype=str)
-            if "class" in frame:
-                info["images_per_class"] = {str(k): int(v) for k, v in frame["class"].value_counts().sort_index().items()}
-            if "patient" in frame:
-                info["patients"] = int(frame["patient"].nunique())
-            if not info["manifest_sha256"]:
-                info["manifest_sha256"] = sha256_file(manifest)
-    else:
+    if not store_meta_path.is_file():
         info["note"] = f"prepared store {store_meta_path} not found; counts unavailable"
+    else:
+        store_meta = read_json(store_meta_path, "prepared store meta")
+        manifest = store / "manifest.csv"
+        current = store_meta.get("manifest_sha256") or (sha256_file(manifest) if manifest.is_file() else None)
+        if trained_on and current and current != trained_on:
+            info["note"] = f"prepared store {store} changed since training (manifest {current[:12]}...); counts omitted"
+        else:
+            info["manifest_sha256"] = trained_on or current
+            info["root"] = store_meta.get("data_root", info["root"])
+            info["n_images"] = store_meta.get("n_images")
+            if manifest.is_file():
+                frame = pd.read_csv(manifest, usecols=lambda c: c in ("class", "patient"), dtype=str)
+                if "class" in frame:
+                    counts = frame["class"].value_counts().sort_index()
+                    info["images_per_class"] = {str(k): int(v) for k, v in counts.items()}
+                if "patient" in frame:
+                    info["patients"] = int(frame["patient"].nunique())
     phantom = Path(params.phantom.out).resolve()
     root = Path(str(info["root"])).resolve()
     info["synthetic_phantom"] = root == phantom or phantom in root.parents
@@ -351,7 +354,7 @@ def register(params: Params, *, strategy: str | None = None) -> Registered:
                         model_uri=f"models:/{cfg.name}@{cfg.challenger_alias}", alias=cfg.challenger_alias, tags=tags)
     out = Path(cfg.out)
     atomic_write_text(out / CARD_FILE, card)
-    atomic_write_json(out / CARD_METADATA_FILE, card_meta)
+    atomic_write_json(out / LOCAL_METADATA_FILE, card_meta)
     atomic_write_json(out / RESULT_FILE, {k: v for k, v in asdict(result).items() if k != "tags"})
     return result
 

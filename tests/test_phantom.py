@@ -66,12 +66,12 @@ def test_layout_manifest_coco_and_masks_agree(dataset: PhantomParams):
     assert all((im["width"], im["height"]) == (dataset.width, dataset.height) for im in coco["images"])
     coco_boxes = {by_id[a["image_id"]]["file_name"]: a["bbox"] for a in coco["annotations"]}
     assert sorted(coco_boxes) == sorted(r["file"] for r in rows)
-    images_on_disk = sorted(p.relative_to(out / "images").as_posix() for p in (out / "images").rglob("*.png"))
+    images_on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
     assert images_on_disk == sorted(r["file"] for r in rows)
     for row in rows:
         cls, name = row["file"].split("/")
         assert cls == row["class"] and name.startswith(f"{row['patient_id']}_v")
-        image = cv2.imread(str(out / "images" / row["file"]), cv2.IMREAD_UNCHANGED)
+        image = cv2.imread(str(out / row["file"]), cv2.IMREAD_UNCHANGED)
         mask = cv2.imread(str(masks / row["file"]), cv2.IMREAD_UNCHANGED)
         assert image.shape == mask.shape == (dataset.height, dataset.width) and image.dtype == np.uint8
         assert set(np.unique(mask)) == {0, 255}
@@ -109,8 +109,8 @@ def test_followups_show_the_same_jaw_in_another_pose(dataset: PhantomParams):
     im2 = follow[0]
     im1 = next(im for im in plan(dataset) if im.patient_id == im2.patient_id and im.visit == 1)
     assert im1.patient == im2.patient and im1.acquisition != im2.acquisition
-    a = cv2.imread(str(Path(dataset.out) / "images" / im1.file), cv2.IMREAD_UNCHANGED)
-    b = cv2.imread(str(Path(dataset.out) / "images" / im2.file), cv2.IMREAD_UNCHANGED)
+    a = cv2.imread(str(Path(dataset.out) / im1.file), cv2.IMREAD_UNCHANGED)
+    b = cv2.imread(str(Path(dataset.out) / im2.file), cv2.IMREAD_UNCHANGED)
     assert not np.array_equal(a, b)
 
 
@@ -120,7 +120,7 @@ def test_dataset_is_accepted_by_prepare_like_real_data(dataset: PhantomParams, t
 
     out = Path(dataset.out)
     params = params_from_dict({
-        "data": {"root": str(out / "images"), "manifest": str(out / "manifest.csv"),
+        "data": {"root": str(out), "manifest": str(out / "manifest.csv"),
                  "annotations": str(out / "annotations.json")},
         "prepare": {"out": str(tmp_path / "prepared"), "mode": "crop"},
         "train": {"folds": 2},
@@ -148,7 +148,7 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_differs(tmp_path:
         assert files_a == files_b
     other = small(tmp_path, "c", seed=1, **params)
     generate(other)
-    pngs = lambda root: {k: v for k, v in all_files(Path(root) / "images").items()}  # noqa: E731
+    pngs = lambda root: {k: v for k, v in all_files(Path(root)).items() if k.endswith(".png")}  # noqa: E731
     shared = pngs(first.out).keys() & pngs(other.out).keys()
     assert all(pngs(first.out)[k] != pngs(other.out)[k] for k in shared)
     assert read_manifest(Path(first.out)) != read_manifest(Path(other.out))
@@ -180,7 +180,7 @@ def test_sixteen_bit_output(tmp_path: Path):
     p = small(tmp_path, patients_per_class=1, followup_fraction=0.0, bit_depth=16)
     generate(p)
     row = read_manifest(Path(p.out))[0]
-    image = cv2.imread(str(Path(p.out) / "images" / row["file"]), cv2.IMREAD_UNCHANGED)
+    image = cv2.imread(str(Path(p.out) / row["file"]), cv2.IMREAD_UNCHANGED)
     assert image.dtype == np.uint16 and image.max() > 255 * 16  # the full 16-bit range is used
 
 
@@ -249,7 +249,7 @@ def test_masks_align_with_the_bright_cortex_band(dataset: PhantomParams):
     mm = field_of(dataset).mm_per_px
     ring = lambda m, r: cv2.dilate(m, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))  # noqa: E731
     for row in read_manifest(out):
-        image = cv2.imread(str(out / "images" / row["file"]), cv2.IMREAD_UNCHANGED).astype(np.float32)
+        image = cv2.imread(str(out / row["file"]), cv2.IMREAD_UNCHANGED).astype(np.float32)
         mask = cv2.imread(str(masks / row["file"]), cv2.IMREAD_UNCHANGED)
         near = (ring(mask, int(4 / mm)) > 0) & ~(ring(mask, int(1 / mm)) > 0)
         assert image[mask > 0].mean() > image[near].mean() + 10  # cortex brighter than bone and soft tissue around it

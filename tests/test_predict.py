@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from registry_helpers import expected_probs, make_params, make_pipeline_outputs, radiograph, write_dicom, write_png
+from registry_helpers import (expected_probs, make_params, make_pipeline_outputs, radiograph, write_dicom,
+                              write_params, write_png)
 from src.cli import run_main
 from src.imaging import read_image
 from src.predict import main as predict_main
@@ -22,8 +22,7 @@ def setup(tmp_path_factory):
     params = make_params(tmp)
     dirs = make_pipeline_outputs(params)
     register(params)
-    params_file = tmp / "params.yaml"
-    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    params_file = write_params(params, tmp / "params.yaml")
     images = tmp / "incoming"
     write_png(images / "a.png", radiograph(96, 160, seed=11))
     write_png(images / "sub" / "b.png", radiograph(80, 140, seed=12))
@@ -33,7 +32,7 @@ def setup(tmp_path_factory):
     (images / "broken.png").write_bytes(good[: len(good) // 2])  # truncated mid-stream
     (images / "empty.jpg").write_bytes(b"")
     (images / "notes.txt").write_text("not an image extension: skipped when walking a folder")
-    return params, dirs, str(params_file), images
+    return params, dirs, params_file, images
 
 
 @pytest.fixture
@@ -100,3 +99,68 @@ def test_errors_are_one_line(ready, capsys):
     assert run_main(predict_main, [str(images / "sub" / "nothing"), "--model", params.train.out,
                                    "--params", params_file]) == 1
     assert "image file not found" in capsys.readouterr().err
+
+
+def test_crop_model_takes_boxes_per_file(tmp_path, capsys):
+    """A crop-mode checkpoint folder: boxes from a manifest-style CSV, --box as the fallback,
+    and a file with no box reported instead of cropped somewhere arbitrary."""
+    from registry_helpers import make_checkpoints
+
+    params = make_params(tmp_path, mode="crop")
+    dirs = make_checkpoints(params)
+    a = write_png(tmp_path / "data" / "C1" / "a.png", radiograph(96, 160, seed=31))
+    b = write_png(tmp_path / "data" / "C3" / "b.png", radiograph(96, 160, seed=32))
+    boxes = tmp_path / "manifest.csv"
+    boxes.write_text("file,patient_id,class,box_x,box_y,box_w,box_h\nC1/a.png,P1,C1,60,50,20,16\n")
+    argv = [str(a), str(b), "--model", params.train.out, "--json", "--boxes", str(boxes),
+            "--params", write_params(params, tmp_path / "params.yaml")]
+    assert predict_main(argv) == 1
+    rows = json.loads(capsys.readouterr().out)
+    np.testing.assert_allclose([rows[0]["prob_C1"], rows[0]["prob_C3"]],
+                               expected_probs(dirs, read_image(a), (60, 50, 20, 16)), rtol=1e-5, atol=1e-6)
+    assert rows[1]["error"].startswith("crop-mode model: this file needs its cortex box")
+    assert predict_main(argv + ["--box", "40,40,30,20"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    np.testing.assert_allclose([rows[1]["prob_C1"], rows[1]["prob_C3"]],
+                               expected_probs(dirs, read_image(b), (40, 40, 30, 20)), rtol=1e-5, atol=1e-6)
+    boxes.write_text("file,box_x\nC1/a.png,60\n")
+    assert run_main(predict_main, argv) == 2
+    assert "missing column(s) box_y, box_w, box_h" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["crop", "full"])
+def test_inference_preprocessing_matches_the_prepared_store(tmp_path, mode):
+    """The contract behind every served answer: a raw file through the model's preprocessing
+    gives exactly the array `prepare` stored for it (rolling ball and CLAHE on in crop mode)."""
+    from registry_helpers import make_checkpoints
+    from src.phantom import generate
+    from src.prepare import prepare
+    from src.predict import box_for, read_boxes
+    from src.pyfunc_model import Ensemble
+    from src.store import PreparedStore
+
+    from src.config import PhantomParams
+
+    params = make_params(tmp_path, mode=mode)
+    phantom = tmp_path / "phantom"
+    params.phantom = PhantomParams(out=str(phantom), masks_out=str(tmp_path / "masks"), patients_per_class=3,
+                                   width=512, height=256)
+    params.data.root = str(phantom / "images")
+    params.data.manifest = str(phantom / "manifest.csv")
+    params.data.annotations = str(phantom / "annotations.json")
+    if mode == "crop":
+        params.prepare.rolling_ball.enabled = True
+        params.prepare.rolling_ball.radius = 10
+        params.prepare.clahe.enabled = True
+    else:
+        params.prepare.full.downscale = 4.0
+        params.prepare.full.size = None
+    generate(params.phantom)
+    store = PreparedStore.open(prepare(params))
+    ensemble = Ensemble(make_checkpoints(params, folds=1, store_meta=store.meta))
+    boxes = read_boxes(params.data.manifest)
+    for i, row in store.manifest.iterrows():
+        path = Path(params.data.root) / row["file"]
+        arr = ensemble.prepare_file(path, box_for(path, boxes, None) if mode == "crop" else None)
+        assert arr.dtype == store.images.dtype
+        np.testing.assert_array_equal(arr, store.images[i], err_msg=row["file"])

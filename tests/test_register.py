@@ -12,12 +12,12 @@ import pytest
 from mlflow import MlflowClient
 
 from registry_helpers import (expected_probs, make_params, make_pipeline_outputs, radiograph,
-                              write_metrics, write_png)
+                              write_metrics, write_params, write_png)
 from src.errors import BoneHealthError
 from src.imaging import read_image
 from src.promote import main as promote_main
 from src.promote import promote, rollback
-from src.register import register
+from src.register import register, store_info
 from src.tracking import configure
 
 
@@ -79,7 +79,7 @@ def test_register_creates_challenger_with_tags_and_card(registered):
     local = Path(params.register.out)
     assert (local / "model_card.md").read_text() == card
     assert json.loads((local / "registered.json").read_text())["version"] == "1"
-    metadata = json.loads((local / "metadata.json").read_text())
+    metadata = json.loads((local / "model_card.json").read_text())
     assert metadata["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "C1", "1": "C3"}
     assert metadata["intended_use"].startswith("Research screening aid")
 
@@ -128,7 +128,7 @@ def test_crop_mode_model_uses_the_box(tmp_path, store):
     prepared = Path(params.prepare.out)
     prepared.mkdir(parents=True)
     phantom_images = str(Path(params.phantom.out) / "images")  # the store was built from the phantom
-    (prepared / "meta.json").write_text(json.dumps({"manifest_sha256": "cd" * 32, "n_images": 3,
+    (prepared / "meta.json").write_text(json.dumps({"manifest_sha256": "ab" * 32, "n_images": 3,
                                                     "data_root": phantom_images}))
     (prepared / "manifest.csv").write_text("index,file,class,patient\n0,a.png,C1,P1\n1,b.png,C3,P2\n2,c.png,C3,P2\n")
     gradcam = Path(params.gradcam.out)
@@ -139,7 +139,11 @@ def test_crop_mode_model_uses_the_box(tmp_path, store):
     assert "| cam_energy_inside_mean | 0.6100 |" in card and "road_score" not in card
     assert "- images_per_class: {'C1': 1, 'C3': 2}" in card and "- patients: 2" in card
     assert "- synthetic_phantom: True" in card and "Trained and evaluated on SYNTHETIC phantom" in card
-    assert MlflowClient().get_model_version("crop-model", result.version).tags["manifest_sha256"] == "cd" * 32
+    assert MlflowClient().get_model_version("crop-model", result.version).tags["manifest_sha256"] == "ab" * 32
+    # A store rebuilt after training says so instead of lending the model its counts.
+    other = store_info(params, {"preprocessing": {"manifest_sha256": "ef" * 32}})
+    assert other["manifest_sha256"] == "ef" * 32 and "changed since training" in other["note"]
+    assert "images_per_class" not in other
     model = mlflow.pyfunc.load_model(result.model_uri)
     path = write_png(tmp_path / "r.png", radiograph(96, 160, seed=3))
     box = (60.0, 50.0, 20.0, 16.0)
@@ -239,7 +243,7 @@ def test_promote_gate_force_and_rollback(tmp_path, store, capsys):
 
     v3 = register_with(oof_roc_auc=0.86, oof_sensitivity=0.70)  # better AUC, but misses more disease
     assert promote(params).action == "refused"
-    code = promote_main(["--params", _params_file(tmp_path, params)])
+    code = promote_main(["--params", write_params(params, tmp_path / "params.yaml")])
     printed = capsys.readouterr().out
     assert code == 0 and "NOT promoted" in printed and "oof_sensitivity drops 0.0800" in printed
     assert "0.8600" in printed and "0.8100" in printed  # the table shows both versions' numbers
@@ -291,11 +295,3 @@ def test_promote_without_registered_model_is_one_line(tmp_path, store):
     params = make_params(tmp_path, store=store, name="never-registered")
     with pytest.raises(BoneHealthError, match=r"no registered model 'never-registered'.*src\.register"):
         promote(params)
-
-
-def _params_file(tmp: Path, params) -> str:
-    import yaml
-
-    path = tmp / "params.yaml"
-    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    return str(path)

@@ -90,6 +90,9 @@ def tiny_params(tmp_path: str | Path, store: str | Path, **train: Any) -> Params
         "out": str(tmp_path / "models"), "folds": meta["folds"], "model": TINY_MODEL, "epochs": 2,
         "batch_size": 8, "lr": 0.01, "scheduler": "none", "early_stopping_patience": 0,
         "channels_last": False, "device": "cpu", "val_fraction": 0.25, "drop_rate": 0.0,
+        # One thread: the tiny model gains nothing from more, and on a shared CPU extra
+        # OpenMP threads spin against other processes (several times slower).
+        "threads": 1,
     }
     train_cfg.update(train)
     raw = {
