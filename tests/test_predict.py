@@ -145,7 +145,7 @@ def test_inference_preprocessing_matches_the_prepared_store(tmp_path, mode):
     phantom = tmp_path / "phantom"
     params.phantom = PhantomParams(out=str(phantom), masks_out=str(tmp_path / "masks"), patients_per_class=3,
                                    width=512, height=256)
-    params.data.root = str(phantom / "images")
+    params.data.root = str(phantom)
     params.data.manifest = str(phantom / "manifest.csv")
     params.data.annotations = str(phantom / "annotations.json")
     if mode == "crop":

@@ -22,7 +22,7 @@ from src.errors import BoneHealthError
 from src.models import load_checkpoint, predict_proba
 from src.store import PreparedStore
 from src.train import CV_FILE, STATE_FILE, main as train_main, run_cv
-from src.trainer import fold_split, select_device, train_fold
+from src.trainer import fold_split, select_device, train_all, train_fold
 from tests.train_helpers import make_tiny_store, tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +106,16 @@ def test_train_fold_outputs_checkpoint_and_is_seeded(tmp_path):
     assert np.array_equal(same.test_predictions["prob_C3"].to_numpy(), preds["prob_C3"].to_numpy())
     other = train_fold(tiny_params(tmp_path, root, epochs=2, seed=1), store, 1, tmp_path / "c")
     assert not np.allclose(other.test_predictions["prob_C3"].to_numpy(), preds["prob_C3"].to_numpy())
+
+
+def test_train_all_refits_on_every_image_for_fixed_epochs(tmp_path):
+    root = make_tiny_store(tmp_path / "s", n_per_class=6, folds=2)
+    params = tiny_params(tmp_path, root, epochs=2, early_stopping_patience=1)
+    res = train_all(params, PreparedStore.open(root), tmp_path / "all")
+    assert len(res.history) == 2 and res.best_epoch == 2  # no validation: the last epoch is kept
+    assert res.split_sizes == {"train": 12, "val": 0, "test": 0} and res.test_predictions.empty
+    model, meta = load_checkpoint(tmp_path / "all")
+    assert meta["fold"] is None and meta["trained_on"] == "all" and meta["best_epoch"] == 2
 
 
 def test_epoch_callback_exception_stops_and_writes_nothing(tmp_path):
