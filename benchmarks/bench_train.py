@@ -119,9 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     trainer_rate(engine, source, chunks[:2], cfg.num_workers)
     bare_rate(engine, x, y, 2)
     trainer, bare = [], []
-    for _ in range(args.rounds):
-        trainer.append(trainer_rate(engine, source, chunks, cfg.num_workers))
-        bare.append(bare_rate(engine, x, y, args.batches))
+    for r in range(args.rounds):
+        # Alternate which loop goes first, so a load that drifts over time favours neither.
+        if r % 2 == 0:
+            trainer.append(trainer_rate(engine, source, chunks, cfg.num_workers))
+            bare.append(bare_rate(engine, x, y, args.batches))
+        else:
+            bare.append(bare_rate(engine, x, y, args.batches))
+            trainer.append(trainer_rate(engine, source, chunks, cfg.num_workers))
     t, b = statistics.median(trainer), statistics.median(bare)
     amp = amp_dtype(cfg.amp, device)
     print(f"model {cfg.model}, input {h}x{w}x{cfg.in_chans}, batch {cfg.batch_size}, device {device}, "

@@ -266,7 +266,7 @@ class GateParams(Section):
 class RegisterParams(Section):
     name: str = "bone-health"
     strategy: Literal["ensemble", "refit"] = "ensemble"
-    out: str = "reports"
+    out: str = "reports/register"
     challenger_alias: str = Field("challenger", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
     champion_alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
     batch_size: int = Field(16, ge=1)

@@ -25,7 +25,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm
 
