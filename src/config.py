@@ -161,6 +161,7 @@ class TrainParams(Section):
     class_balance: Literal["none", "weights", "sampler"] = "weights"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: Optional[float] = Field(None, gt=0.0)
+    ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0)  # None: no weight averaging
     seed: int = 0
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"

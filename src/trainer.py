@@ -124,10 +124,14 @@ def inner_split(labels: np.ndarray, patients: np.ndarray, val_fraction: float, s
     with warnings.catch_warnings():
         # "The least populated class has only N members": expected on tiny toy sets.
         warnings.simplefilter("ignore", UserWarning)
-        for train_pos, val_pos in splitter.split(np.zeros(len(labels)), labels, groups=patients):
-            first = first or (train_pos, val_pos)
-            if len(np.unique(labels[val_pos])) == len(classes) and len(np.unique(labels[train_pos])) == len(classes):
-                return np.sort(train_pos), np.sort(val_pos)
+        try:
+            for train_pos, val_pos in splitter.split(np.zeros(len(labels)), labels, groups=patients):
+                first = first or (train_pos, val_pos)
+                if len(np.unique(labels[val_pos])) == len(classes) and len(np.unique(labels[train_pos])) == len(classes):
+                    return np.sort(train_pos), np.sort(val_pos)
+        except ValueError as exc:  # sklearn: more splits than members of a class
+            raise DataError(f"train.val_fraction={val_fraction}: the training folds are too small for a "
+                            f"{n_splits}-way stratified patient split ({exc})") from None
     return np.sort(first[0]), np.sort(first[1])
 
 
@@ -301,6 +305,12 @@ class Engine:
     channels_last: bool
     grad_clip: float | None = None
     scaler: Any = None
+    ema: Any = None      # timm ModelEmaV3: averaged weights used for validation, checkpoint and test
+    steps: int = 0
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.model
 
     def to_tensor(self, images: np.ndarray) -> torch.Tensor:
         return to_input(images, self.meta, device=self.device, channels_last=self.channels_last)
@@ -323,17 +333,21 @@ class Engine:
             if self.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             self.optimizer.step()
+        self.steps += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.steps)
         return float(loss.detach())
 
     @torch.no_grad()
     def predict(self, images: np.ndarray, batch_size: int) -> np.ndarray:
-        """Softmax probabilities in eval mode (N, classes), float64."""
-        self.model.eval()
+        """Softmax probabilities of the evaluated (EMA, if on) model in eval mode (N, classes), float64."""
+        model = self.eval_model
+        model.eval()
         out = []
         for start in range(0, len(images), batch_size):
             x = self.to_tensor(np.asarray(images[start:start + batch_size]))
             with autocast_context(self.device, self.amp):
-                logits = self.model(x)
+                logits = model(x)
             out.append(torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64))
         return np.concatenate(out) if out else np.zeros((0, int(self.meta["num_classes"])))
 
@@ -362,11 +376,18 @@ def build_engine(cfg: TrainParams, meta: dict[str, Any], device: torch.device, t
     weight = class_weights(train_labels, n_classes).to(device) if cfg.class_balance == "weights" else None
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type) if (dtype == torch.float16 and device.type == "cuda") else None
+    ema = None
+    if cfg.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        # Warm-up ramp (decay 1 - (1 + step)^-2/3, capped at ema_decay): a CPU run has only a
+        # few hundred steps, so a fixed 0.99 would still average in the random initialisation.
+        ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
     return Engine(
         model=model, optimizer=OPTIMIZERS[cfg.optimizer](model.parameters(), cfg),
         criterion=torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing),
         meta=meta, device=device, amp=dtype, channels_last=cfg.channels_last,
-        grad_clip=cfg.grad_clip, scaler=scaler,
+        grad_clip=cfg.grad_clip, scaler=scaler, ema=ema,
     )
 
 
@@ -481,7 +502,7 @@ def _fit(params: Params, store: PreparedStore, meta: dict[str, Any], train_rows:
         if improved:
             best, best_epoch, stale = (val_auc, val_loss), epoch, 0
             if len(val_rows):  # without validation the last epoch wins: no copy needed
-                best_state = copy.deepcopy({k: v.detach().to("cpu") for k, v in engine.model.state_dict().items()})
+                best_state = copy.deepcopy({k: v.detach().to("cpu") for k, v in engine.eval_model.state_dict().items()})
         else:
             stale += 1
         print(f"{label} epoch {epoch}/{cfg.epochs}: train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
@@ -492,7 +513,7 @@ def _fit(params: Params, store: PreparedStore, meta: dict[str, Any], train_rows:
         if len(val_rows) and cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
             break
     if best_state is not None:
-        engine.model.load_state_dict(best_state)
+        engine.eval_model.load_state_dict(best_state)
     return _Fit(history=history, best_epoch=best_epoch, best_val_auc=float(best[0]), engine=engine)
 
 
@@ -519,7 +540,7 @@ def train_fold(params: Params, store: PreparedStore, fold: int, out_dir: Path, *
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / PREDICTIONS_FILE) as tmp:
         predictions.to_csv(tmp, index=False)
-    save_checkpoint(out_dir, fit.engine.model, meta)  # meta.json written last marks the folder complete
+    save_checkpoint(out_dir, fit.engine.eval_model, meta)  # meta.json written last marks the folder complete
     return FoldResult(
         fold=fold, history=fit.history, best_epoch=fit.best_epoch, best_val_auc=fit.best_val_auc,
         test_predictions=predictions, checkpoint_dir=out_dir, seconds=time.perf_counter() - started,
@@ -542,7 +563,7 @@ def train_all(params: Params, store: PreparedStore, out_dir: Path, *,
     meta = checkpoint_meta(params, store, fold=None)
     fit = _fit(params, store, meta, rows, rows[:0], cfg.seed, "all data", device, epoch_callback)
     meta.update({"best_epoch": fit.best_epoch, "val_auc": None, "trained_on": "all", **(extra_meta or {})})
-    save_checkpoint(out_dir, fit.engine.model, meta)
+    save_checkpoint(out_dir, fit.engine.eval_model, meta)
     empty = predictions_frame(store, rows[:0], np.zeros((0, len(store.classes))))
     return FoldResult(
         fold=-1, history=fit.history, best_epoch=fit.best_epoch, best_val_auc=float("nan"),

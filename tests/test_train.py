@@ -108,6 +108,18 @@ def test_train_fold_outputs_checkpoint_and_is_seeded(tmp_path):
     assert not np.allclose(other.test_predictions["prob_C3"].to_numpy(), preds["prob_C3"].to_numpy())
 
 
+def test_ema_weights_are_what_is_validated_saved_and_tested(tmp_path):
+    root = make_tiny_store(tmp_path / "s", n_per_class=8, folds=2)
+    store = PreparedStore.open(root)
+    res = train_fold(tiny_params(tmp_path, root, epochs=2, ema_decay=0.9), store, 0, tmp_path / "ema")
+    model, meta = load_checkpoint(tmp_path / "ema")
+    rows = res.test_predictions["index"].to_numpy()
+    again = predict_proba(model, np.asarray(store.images[rows]), meta)
+    assert np.allclose(again[:, 1], res.test_predictions["prob_C3"], atol=1e-5)
+    plain = train_fold(tiny_params(tmp_path, root, epochs=2), store, 0, tmp_path / "plain")
+    assert not np.allclose(plain.test_predictions["prob_C3"], res.test_predictions["prob_C3"])
+
+
 def test_train_all_refits_on_every_image_for_fixed_epochs(tmp_path):
     root = make_tiny_store(tmp_path / "s", n_per_class=6, folds=2)
     params = tiny_params(tmp_path, root, epochs=2, early_stopping_patience=1)
@@ -131,6 +143,14 @@ def test_epoch_callback_exception_stops_and_writes_nothing(tmp_path):
     with pytest.raises(Pruned, match="pruned at 1"):
         train_fold(params, PreparedStore.open(root), 0, tmp_path / "f", epoch_callback=prune)
     assert not (tmp_path / "f" / "meta.json").exists()
+
+
+def test_too_small_inner_split_is_a_one_line_data_error(tmp_path):
+    from src.errors import DataError
+
+    store = PreparedStore.open(make_tiny_store(tmp_path / "s", n_per_class=3, folds=3))
+    with pytest.raises(DataError, match=r"train.val_fraction=0.25: .*too small"):
+        fold_split(store, 0, val_fraction=0.25, seed=0)
 
 
 def test_device_selection():
