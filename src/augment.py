@@ -15,6 +15,9 @@ from src.config import AugmentParams
 
 # Reflect instead of a black fill: black corners would be a shortcut the network could learn.
 _BORDER = cv2.BORDER_REFLECT_101
+# Per-image ops on 128-512 px gain nothing from OpenCV's thread pool, and its threads fight
+# torch's OpenMP workers (still spinning after each step) for the same cores.
+cv2.setNumThreads(1)
 
 
 def build_augment(cfg: AugmentParams, seed: int | None = None):

@@ -9,15 +9,19 @@ from typing import Any
 from src.config import MlflowParams
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
-# mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI (for subprocesses), so after one
-# configure() the variable holds OUR params' URI; remember it, or the next configure() with
-# other params would take it for a user's server (and drop artifact_root).
-_EXPORTED_BY_US: str | None = None
 
 
 def _user_tracking_env() -> str | None:
+    """The user's MLFLOW_TRACKING_URI (a shared server), not the copy MLflow exports itself.
+
+    mlflow.set_tracking_uri also writes the variable (for subprocesses); a value equal to the
+    URI set in this process came from there, whoever called it, and must not pin later stores.
+    """
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
     env = os.environ.get(TRACKING_ENV)
-    return env if env and env != _EXPORTED_BY_US else None
+    set_here = getattr(tracking_utils, "_tracking_uri", None)
+    return env if env and env != set_here else None
 
 
 def tracking_uri(cfg: MlflowParams) -> str:
@@ -33,11 +37,8 @@ def configure(cfg: MlflowParams) -> str:
     """Point MLflow at our store and make sure the experiment exists; returns its id."""
     import mlflow
 
-    global _EXPORTED_BY_US
     from_user = _user_tracking_env() is not None
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    if not from_user:
-        _EXPORTED_BY_US = os.environ.get(TRACKING_ENV)
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is None:
         location = None

@@ -66,7 +66,7 @@ def run_name(params: Params, store: PreparedStore) -> str:
 def fingerprint(params: Params, store: PreparedStore) -> str:
     """What makes finished folds reusable: the training settings and the exact data."""
     train = params.train.model_dump(mode="json")
-    for key in ("out", "num_workers"):  # where results go and how fast they come don't change them
+    for key in ("out", "num_workers", "threads"):  # where results go and how fast they come don't change them
         train.pop(key, None)
     payload = {
         "train": train,
