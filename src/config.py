@@ -125,7 +125,7 @@ class PrepareParams(Section):
 # -------------------------------------------------------------------------- train
 class AugmentParams(Section):
     enabled: bool = True
-    strength: float = Field(1.0, ge=0.0, le=3.0)
+    strength: float = Field(0.5, ge=0.0, le=3.0)
     vflip: float = Field(0.5, ge=0.0, le=1.0)
     hflip: float = Field(0.0, ge=0.0, le=1.0)
     rotate_limit: float = Field(10.0, ge=0.0, le=180.0)
@@ -147,21 +147,21 @@ class TrainParams(Section):
     in_chans: Literal[1, 3] = 1
     image_size: Optional[int] = Field(None, ge=16, le=2048)
     drop_rate: float = Field(0.2, ge=0.0, lt=1.0)
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(16, ge=1)
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(8, ge=1)
     optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    lr: float = Field(3e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     scheduler: Literal["plateau", "cosine", "none"] = "cosine"
     plateau_factor: float = Field(0.1, gt=0.0, lt=1.0)
     plateau_patience: int = Field(5, ge=0)
     warmup_epochs: int = Field(1, ge=0)
-    early_stopping_patience: int = Field(8, ge=0)  # 0 disables
+    early_stopping_patience: int = Field(0, ge=0)  # 0 disables
     class_balance: Literal["none", "weights", "sampler"] = "weights"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: Optional[float] = Field(None, gt=0.0)
-    ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0)  # None: no weight averaging
+    ema_decay: Optional[float] = Field(0.99, gt=0.0, lt=1.0)  # None: no weight averaging
     seed: int = 0
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"

@@ -184,15 +184,24 @@ class Heartbeat:
 
 
 # --------------------------------------------------------------------------- MLflow
-def study_parent_run(params: Params, url: str) -> str:
-    """The study's MLflow parent run, created once and found again on every rerun/worker."""
+def mlflow_client(params: Params):
+    """(experiment id, client) bound to this params' store, whatever MLflow pointed at before."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     from src import tracking
 
     exp_id = tracking.configure(params.mlflow)
-    client = MlflowClient()
+    return exp_id, MlflowClient(tracking_uri=mlflow.get_tracking_uri())
+
+
+def study_parent_run(params: Params, url: str) -> str:
+    """The study's MLflow parent run, created once and found again on every rerun/worker."""
+    import mlflow
+
+    from src import tracking
+
+    exp_id, client = mlflow_client(params)
     found = client.search_runs([exp_id], filter_string=f"tags.`{STUDY_TAG}` = '{params.tune.study_name}' "
                                                        f"and tags.`{KIND_TAG}` = 'tune-study'", max_results=1)
     if found:
@@ -212,12 +221,7 @@ class TrialRun:
     """A child MLflow run for one trial, written through the client (safe across processes)."""
 
     def __init__(self, params: Params, parent_id: str, trial, values: dict[str, Any]):
-        from mlflow.tracking import MlflowClient
-
-        from src import tracking
-
-        self.client = MlflowClient()
-        exp_id = tracking.configure(params.mlflow)
+        exp_id, self.client = mlflow_client(params)
         self.run_id = self.client.create_run(exp_id, run_name=f"trial-{trial.number:04d}", tags={
             "mlflow.parentRunId": parent_id, STUDY_TAG: params.tune.study_name, KIND_TAG: "tune-trial",
             "optuna.trial_number": str(trial.number),
@@ -328,7 +332,6 @@ def best_fragment(study) -> dict[str, Any]:
 
 
 def write_outputs(params: Params, study, parent_id: str) -> Path | None:
-    from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
 
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -343,7 +346,7 @@ def write_outputs(params: Params, study, parent_id: str) -> Path | None:
               f"{params.tune.objective} = {best.value:.4f}\n")
     atomic_write_text(out, header + yaml.safe_dump(fragment, sort_keys=False))
 
-    client = MlflowClient()
+    _, client = mlflow_client(params)
     client.set_tag(parent_id, "best_trial_number", str(best.number))
     client.log_metric(parent_id, "best_value", float(best.value))
     for run in client.search_runs([client.get_run(parent_id).info.experiment_id],

@@ -12,3 +12,14 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests choose their own SQLite sto
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_tracking_uri():
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; a later test's subprocess would
+    inherit a previous test's store as if a user had chosen it."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield

@@ -100,6 +100,15 @@ def test_bad_override_syntax():
 
 def test_flatten_gives_dotted_keys():
     flat = flatten(Params())
-    assert flat["train.augment.strength"] == 1.0
+    assert flat["train.augment.strength"] == 0.5
     assert flat["prepare.crop.side"] == 600
     assert "train" not in flat
+
+
+def test_schema_defaults_are_the_params_yaml_values():
+    """params.yaml is the one place settings live: the code's defaults must not drift from it."""
+    ours = flatten(load_params(ROOT / "params.yaml"))
+    schema = flatten(Params())
+    drift = {k: (schema.get(k), v) for k, v in ours.items()
+             if not k.startswith("tune.space") and schema.get(k) != v}
+    assert drift == {}
