@@ -197,15 +197,12 @@ def explain_row(fm: FoldModel, store: PreparedStore, row: int, cfg: GradcamParam
 
 
 def read_cv(train_out: str | Path) -> dict[str, Any]:
-    path = Path(train_out) / CV_FILE
-    if not path.is_file():
-        raise DataError(f"{path}: not found; run `python -m src.train` first")
-    try:
-        cv = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc.msg})") from None
+    """A finished CV's cv.json (evaluate's reader) that names its MLflow parent run."""
+    from src.evaluate import read_cv as read_finished_cv
+
+    cv = read_finished_cv(train_out)
     if not cv.get("parent_run_id"):
-        raise DataError(f"{path}: no parent_run_id")
+        raise DataError(f"{Path(train_out) / CV_FILE}: no parent_run_id")
     return cv
 
 
