@@ -56,7 +56,7 @@ class PhantomParams(Section):
     max_images_per_patient: int = Field(3, ge=1)
     width: int = Field(1024, ge=256, le=4096)
     height: int = Field(512, ge=128, le=2048)
-    separation: float = Field(1.0, ge=0.0)
+    separation: float = Field(1.2, ge=0.0)
     bit_depth: Literal[8, 16] = 8
     field_width_mm: float = Field(290.0, gt=0)  # detector width: 0.1 mm/px at 2900 px
     cortical_width_mm: tuple[float, float] = (1.5, 5.0)  # [most osteoporotic, healthiest]
