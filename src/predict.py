@@ -152,7 +152,7 @@ def _one_line(exc: Exception, path: Path) -> str:
 def write_cams(ensemble: Ensemble, results: list[Prediction], out_dir: Path, params: Params) -> None:
     """Grad-CAM overlay per predicted file: the mean of the fold models' maps for the class the
     ensemble predicted (as `python -m src.gradcam --image` does), written to out_dir/<name>_cam.png."""
-    from src.cam import explain_image
+    from src.cam import explain_ensemble
     from src.cam_figures import save_overlay
 
     cfg = params.gradcam
@@ -167,11 +167,8 @@ def write_cams(ensemble: Ensemble, results: list[Prediction], out_dir: Path, par
         else:  # "true" has no meaning for a new radiograph: explain the prediction
             target = classes.index(res.predicted)
         try:
-            cams = [explain_image(model, meta, arr, cfg.method, cfg.target_layer, target=target,
-                                  batch_size=cfg.batch_size)[0]
-                    for model, meta in zip(ensemble.models, ensemble.metas)]
-            cam = np.mean(cams, axis=0)
-            cam = cam / cam.max() if cam.max() > 0 else cam
+            cam, _ = explain_ensemble(list(zip(ensemble.models, ensemble.metas)), arr, cfg.method,
+                                      cfg.target_layer, target=target, batch_size=cfg.batch_size)
             name = _unique(Path(res.file).stem + "_cam.png", taken)
             path = save_overlay(out_dir / name, arr, cam, pred_class=res.predicted, prob=res.probs[res.predicted],
                                 alpha=cfg.alpha, method=cfg.method,
