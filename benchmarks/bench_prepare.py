@@ -5,8 +5,8 @@
 Runs the real `prepare` on 1024x512 8-bit PNGs for full and crop modes, with and
 without rolling ball, and times plain `read_image` over the same files in the same run,
 so the ratios hold on any machine.  Without --data it generates the project's phantom
-(src.phantom) in a temp folder, or, if that module is missing, a stand-in of similar
-radiographs; with --data it uses an existing class-folder tree (e.g. data/phantom/images).
+(src.phantom) in a temp folder; with --data it uses an existing class-folder tree (e.g.
+data/phantom).
 Also times the fast rolling ball (shrunken copy) against the exact one on one image and
 reports how far their backgrounds differ.
 """
@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import io
-import json
 import sys
 import tempfile
 import time
@@ -33,43 +31,13 @@ from src.prepare import prepare  # noqa: E402
 from src.preprocess import auto_shrink, rolling_ball_background  # noqa: E402
 
 WIDTH, HEIGHT = 1024, 512
-BOX = (380.0, 380.0, 260.0, 60.0)  # x, y, w, h: the lower mandibular border, COCO order
 
 
-def synthesise(out: Path, n: int, seed: int = 0) -> dict[str, Path]:
-    from PIL import Image
-    import cv2
+def phantom_dataset(tmp: Path, n: int) -> tuple[dict[str, Path], str]:
+    """A phantom of about n images at WIDTH x HEIGHT, laid out like a user's data."""
+    from src.config import PhantomParams
+    from src.phantom import generate
 
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:HEIGHT, :WIDTH].astype(np.float32)
-    jaw = np.exp(-((yy - 400 - 0.0004 * (xx - 512) ** 2) ** 2) / (2 * 12.0**2))  # a parabolic bright band
-    rows, images, anns = [], [], []
-    for i in range(n):
-        cls = ("C1", "C3")[i % 2]
-        background = 60 + 40 * np.sin(xx / 300 + i) * np.cos(yy / 200)
-        texture = cv2.GaussianBlur(rng.normal(0, 25, (HEIGHT, WIDTH)).astype(np.float32), (0, 0), 2)
-        img = np.clip(background + (120 if cls == "C1" else 80) * jaw + texture, 0, 255).astype(np.uint8)
-        rel = f"{cls}/P{i:04d}_v1.png"
-        (out / "images" / cls).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(out / "images" / rel)
-        rows.append([rel, f"P{i:04d}", cls, *BOX])
-        images.append({"id": i + 1, "file_name": rel, "width": WIDTH, "height": HEIGHT})
-        anns.append({"id": i + 1, "image_id": i + 1, "bbox": list(BOX)})
-    with open(out / "manifest.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["file", "patient_id", "class", "box_x", "box_y", "box_w", "box_h"])
-        w.writerows(rows)
-    (out / "annotations.json").write_text(json.dumps({"images": images, "annotations": anns}))
-    return {"root": out / "images", "manifest": out / "manifest.csv", "annotations": out / "annotations.json"}
-
-
-def phantom_or_synthetic(tmp: Path, n: int) -> tuple[dict[str, Path], str]:
-    """The project's phantom (src.phantom) when present, else this file's own stand-in."""
-    try:
-        from src.config import PhantomParams
-        from src.phantom import generate
-    except ImportError:
-        return synthesise(tmp / "phantom", n), "synthetic stand-in (src.phantom missing)"
     p = PhantomParams(out=str(tmp / "phantom"), masks_out=str(tmp / "masks"), patients_per_class=max(1, n // 2),
                       followup_fraction=0.0, width=WIDTH, height=HEIGHT, bit_depth=8)
     generate(p)
@@ -104,7 +72,7 @@ def main() -> None:
                      "annotations": args.data / "annotations.json"}
             source = str(args.data)
         else:
-            paths, source = phantom_or_synthetic(tmp, args.n)
+            paths, source = phantom_dataset(tmp, args.n)
         files = sorted(p for p in paths["root"].rglob("*.png"))[: args.n] if args.data else sorted(paths["root"].rglob("*.png"))
         for p in files:
             p.read_bytes()  # warm the page cache: we time decoding, not the disk
