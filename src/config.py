@@ -169,6 +169,9 @@ class TrainParams(Section):
     channels_last: bool = True
     num_workers: int = Field(0, ge=0)
     threads: Optional[int] = Field(None, ge=1)  # None: torch's default (all cores)
+    devices: int = Field(1, ge=1)  # data-parallel processes; >1 relaunches through torchrun
+    sync_bn: bool = False          # SyncBatchNorm across processes (CUDA only)
+    fold_parallel: int = Field(1, ge=1)  # folds trained at once, one worker process each
     augment: AugmentParams = Field(default_factory=AugmentParams)
 
 

@@ -24,10 +24,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
-from src import tracking
+from src import distributed, tracking
 from src.cli import run_main
 from src.config import Params, add_params_args, flatten, params_from_args
+from src.distributed import Dist
 from src.errors import BoneHealthError
 from src.fileio import atomic_write_json
 from src.metrics import auc_score, classification_metrics
@@ -63,12 +65,15 @@ def run_name(params: Params, store: PreparedStore) -> str:
     return f"{cfg.model}_{dataset_name(params)}_{mode}{size}_b{cfg.batch_size}_e{cfg.epochs}"
 
 
-def fingerprint(params: Params, store: PreparedStore) -> str:
-    """What makes finished folds reusable: the training settings and the exact data."""
+def fingerprint(params: Params, store: PreparedStore, world: int = 1) -> str:
+    """What makes finished folds reusable: the training settings, the number of data-parallel
+    processes (it changes BatchNorm's batches) and the exact data."""
     train = params.train.model_dump(mode="json")
-    for key in ("out", "num_workers", "threads"):  # where results go and how fast they come don't change them
+    # Where results go and how fast they come don't change them; `devices` is counted as `world`.
+    for key in ("out", "num_workers", "threads", "devices", "fold_parallel"):
         train.pop(key, None)
     payload = {
+        "world": world,
         "train": train,
         "threshold": params.evaluate.threshold,
         "manifest_sha256": store.meta.get("manifest_sha256"),
@@ -134,15 +139,6 @@ def test_metrics(result_predictions: pd.DataFrame, classes: list[str], positive:
     return {f"test_{k}": v for k, v in m.items()}
 
 
-def _log_fold(mlflow, result: FoldResult, metrics: dict[str, float]) -> None:
-    mlflow.log_metrics(_finite({**metrics, "best_epoch": result.best_epoch, "best_val_auc": result.best_val_auc,
-                                "epochs_run": len(result.history), "fold_seconds": result.seconds}))
-    ckpt = Path(result.checkpoint_dir)
-    mlflow.log_artifact(str(ckpt / CHECKPOINT_FILE), artifact_path="checkpoint")
-    mlflow.log_artifact(str(ckpt / META_FILE), artifact_path="checkpoint")
-    mlflow.log_artifact(str(ckpt / PREDICTIONS_FILE))
-
-
 def aggregate(folds: dict[str, dict], classes: list[str], out: Path) -> dict[str, float]:
     """Parent-run figures: mean/std over folds and the pooled out-of-fold AUC."""
     out_metrics: dict[str, float] = {}
@@ -158,12 +154,63 @@ def aggregate(folds: dict[str, dict], classes: list[str], out: Path) -> dict[str
     return out_metrics
 
 
-# ----------------------------------------------------------------------------- the stage
-def run_cv(params: Params, *, resume: bool = True) -> dict:
-    """Train every fold (or the unfinished ones) and write `{train.out}/cv.json`; returns it."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
+class FoldRun:
+    """One fold's nested MLflow run, written through the client: the same calls log a fold
+    trained here, under torchrun (rank 0), or in a `train.fold_parallel` worker process."""
 
+    def __init__(self, client, experiment_id: str, parent_id: str, parent_name: str, fold: int):
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+        self.client = client
+        run = client.create_run(experiment_id, run_name=f"fold_{fold}",
+                                tags={"fold": str(fold), MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: f"fold_{fold}"})
+        self.run_id = run.info.run_id
+        self._log(params={"fold": fold, "parent_run_name": parent_name})
+
+    def _log(self, metrics: dict[str, Any] | None = None, params: dict[str, Any] | None = None, step: int = 0) -> None:
+        from mlflow.entities import Metric, Param
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id,
+            metrics=[Metric(k, v, now, step) for k, v in _finite(metrics or {}).items()],
+            params=[Param(k, str(v)) for k, v in (params or {}).items()])
+
+    def log_epoch(self, epoch: int, record: dict) -> None:
+        self._log(metrics={m: record[m] for m in EPOCH_METRICS}, step=epoch)
+
+    def finish(self, result: FoldResult, metrics: dict[str, float]) -> None:
+        self._log(params={f"n_{part}": n for part, n in result.split_sizes.items()},
+                  metrics={**metrics, "best_epoch": result.best_epoch, "best_val_auc": result.best_val_auc,
+                           "epochs_run": len(result.history), "fold_seconds": result.seconds})
+        ckpt = Path(result.checkpoint_dir)
+        self.client.log_artifact(self.run_id, str(ckpt / CHECKPOINT_FILE), artifact_path="checkpoint")
+        self.client.log_artifact(self.run_id, str(ckpt / META_FILE), artifact_path="checkpoint")
+        self.client.log_artifact(self.run_id, str(ckpt / PREDICTIONS_FILE))
+        self.client.set_terminated(self.run_id, status="FINISHED")
+
+    def fail(self) -> None:
+        _mark_failed(self.client, self.run_id)
+
+
+def _mark_failed(client, run_id: str) -> None:
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="FAILED")
+    except Exception:  # noqa: BLE001 - the original error matters more than this bookkeeping
+        pass
+
+
+def _running_run_ids(state: dict) -> list[str]:
+    """Runs of folds in progress; `running` is {fold: run_id} (older states: {fold, run_id})."""
+    running = state.get("running") or {}
+    if "run_id" in running:
+        return [running["run_id"]]
+    return [r for r in running.values() if r]
+
+
+# ----------------------------------------------------------------------------- the stage
+def _checked_store(params: Params) -> PreparedStore:
     cfg = params.train
     store = PreparedStore.open(params.prepare.out)
     if store.n_folds != cfg.folds:
@@ -172,31 +219,59 @@ def run_cv(params: Params, *, resume: bool = True) -> dict:
             f"re-run prepare or set train.folds={store.n_folds}")
     if store.positive_class not in store.classes:
         raise BoneHealthError(f"{store.root}/meta.json: positive_class {store.positive_class!r} not in {store.classes}")
+    if cfg.fold_parallel > 1 and cfg.devices > 1:
+        raise BoneHealthError("train.fold_parallel and train.devices both spread training over devices: "
+                              "set one of them to 1")
+    if cfg.sync_bn and (cfg.devices > 1 or distributed.launched_by_torchrun()) \
+            and select_device(cfg.device).type != "cuda":
+        raise BoneHealthError("train.sync_bn: torch's SyncBatchNorm runs on CUDA only; set train.sync_bn=false "
+                              "on CPU (each process then normalises its own shard of the batch)")
+    return store
+
+
+def run_cv(params: Params, *, resume: bool = True, ctx: Dist | None = None, device=None) -> dict:
+    """Train every fold (or the unfinished ones) and write `{train.out}/cv.json`; returns it.
+
+    Under torchrun every rank calls this: rank 0 plans, logs and writes; the others train the
+    folds rank 0 names and receive its cv.json at the end.
+    """
+    ctx = ctx or Dist()
+    cfg = params.train
+    store = _checked_store(params)
     out = Path(cfg.out)
+    device = torch.device(device) if device is not None else select_device(cfg.device)
+    if not ctx.is_main:
+        for k in ctx.broadcast(None):
+            train_fold(params, store, k, out / f"fold_{k}", device=device, ctx=ctx)
+        return ctx.broadcast(None)
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
     out.mkdir(parents=True, exist_ok=True)
-    device = select_device(cfg.device)
     experiment_id = tracking.configure(params.mlflow)
     client = MlflowClient()
-    fp = fingerprint(params, store)
+    fp = fingerprint(params, store, ctx.world)
 
     previous = _read_json(out / STATE_FILE)
     state = previous if (resume and previous and previous.get("fingerprint") == fp
                          and _run_exists(client, previous.get("parent_run_id"))) else None
     if previous and state is None:
         # Not resumable (new params, new data, or --no-resume): close what the old run left open.
-        _mark_killed(client, (previous.get("running") or {}).get("run_id"))
-        _mark_killed(client, previous.get("parent_run_id"))
+        for run_id in _running_run_ids(previous) + [previous.get("parent_run_id")]:
+            _mark_killed(client, run_id)
     if state is not None:
-        killed = [r for r in [(state.get("running") or {}).get("run_id")] if _mark_killed(client, r)]
+        killed = [r for r in _running_run_ids(state) if _mark_killed(client, r)]
         killed += _kill_orphans(client, experiment_id, state["parent_run_id"])
         if killed:
             print(f"resume: marked interrupted fold run(s) KILLED: {', '.join(sorted(set(killed)))}", file=sys.stderr)
-        state["running"] = None
+        state["running"] = {}
         cv = _read_json(out / CV_FILE)
         if cv and cv.get("status") == "FINISHED" and cv.get("parent_run_id") == state["parent_run_id"] \
                 and len(state["folds"]) == cfg.folds and all(_fold_complete(out / f"fold_{k}") for k in range(cfg.folds)):
             print(f"train: all {cfg.folds} folds already finished (parent run {cv['parent_run_id']})", file=sys.stderr)
-            return cv
+            ctx.broadcast([])
+            return ctx.broadcast(cv)
     else:
         for stale in out.glob("fold_*"):
             if stale.is_dir() and re.fullmatch(r"fold_\d+", stale.name):
@@ -206,17 +281,22 @@ def run_cv(params: Params, *, resume: bool = True) -> dict:
             "manifest_sha256": str(store.meta.get("manifest_sha256", "")),
             "dataset": dataset_name(params),
             "device": str(device),
+            "world_size": str(ctx.world),
             "model": cfg.model,
             "store": str(store.root),
             "mode": str(store.meta.get("mode", "")),
         }
         parent = client.create_run(experiment_id, run_name=run_name(params, store), tags=tags)
-        state = {"fingerprint": fp, "parent_run_id": parent.info.run_id, "folds": {}, "running": None,
+        state = {"fingerprint": fp, "parent_run_id": parent.info.run_id, "folds": {}, "running": {},
                  "sessions": 0}
     (out / CV_FILE).unlink(missing_ok=True)  # a cv.json that is present is a finished one
     atomic_write_json(out / STATE_FILE, state)
 
     classes, positive = store.classes, store.positive_class
+    pending = [k for k in range(cfg.folds) if not (str(k) in state["folds"] and _fold_complete(out / f"fold_{k}"))]
+    for k in sorted(set(range(cfg.folds)) - set(pending)):
+        print(f"fold {k}: reusing finished fold (run {state['folds'][str(k)]['run_id']})", file=sys.stderr)
+    ctx.broadcast(pending)
     started = time.perf_counter()
     with mlflow.start_run(run_id=state["parent_run_id"]) as parent:
         state["sessions"] = int(state.get("sessions", 0)) + 1
@@ -224,31 +304,39 @@ def run_cv(params: Params, *, resume: bool = True) -> dict:
             tracking.log_params_flat(flatten(params))
         else:
             mlflow.set_tag("resumed_sessions", str(state["sessions"] - 1))
-        for k in range(cfg.folds):
-            fold_dir = out / f"fold_{k}"
-            if str(k) in state["folds"] and _fold_complete(fold_dir):
-                print(f"fold {k}: reusing finished fold (run {state['folds'][str(k)]['run_id']})", file=sys.stderr)
-                continue
-            with mlflow.start_run(run_name=f"fold_{k}", nested=True, tags={"fold": str(k)}) as child:
-                state["running"] = {"fold": k, "run_id": child.info.run_id}
-                atomic_write_json(out / STATE_FILE, state)
-                mlflow.log_params({"fold": k, "parent_run_name": parent.info.run_name})
+        runs: dict[int, FoldRun] = {}
 
-                def log_epoch(epoch: int, record: dict) -> None:
-                    mlflow.log_metrics(_finite({m: record[m] for m in EPOCH_METRICS}), step=epoch)
+        def start(k: int) -> dict:
+            runs[k] = FoldRun(client, experiment_id, state["parent_run_id"], parent.info.run_name, k)
+            state["running"][str(k)] = runs[k].run_id
+            atomic_write_json(out / STATE_FILE, state)
+            return {"mlflow_run_id": runs[k].run_id, "parent_run_id": state["parent_run_id"]}
 
-                result = train_fold(params, store, k, fold_dir, epoch_callback=log_epoch, device=device,
-                                    extra_meta={"mlflow_run_id": child.info.run_id,
-                                                "parent_run_id": state["parent_run_id"]})
-                mlflow.log_params({f"n_{part}": n for part, n in result.split_sizes.items()})
-                metrics = test_metrics(result.test_predictions, classes, positive, params.evaluate.threshold)
-                _log_fold(mlflow, result, metrics)
+        def done(k: int, result: FoldResult) -> None:
+            metrics = test_metrics(result.test_predictions, classes, positive, params.evaluate.threshold)
+            runs[k].finish(result, metrics)
             state["folds"][str(k)] = {
-                "run_id": child.info.run_id, "best_epoch": result.best_epoch,
+                "run_id": runs[k].run_id, "best_epoch": result.best_epoch,
                 "best_val_auc": result.best_val_auc, "seconds": result.seconds, "metrics": metrics,
             }
-            state["running"] = None
+            state["running"].pop(str(k), None)
             atomic_write_json(out / STATE_FILE, state)
+
+        try:
+            if cfg.fold_parallel > 1 and len(pending) > 1:
+                from src.fold_parallel import train_folds_in_parallel
+
+                train_folds_in_parallel(params, pending, out, device, start=start,
+                                        epoch=lambda k, e, r: runs[k].log_epoch(e, r), done=done)
+            else:
+                for k in pending:
+                    extra = start(k)
+                    done(k, train_fold(params, store, k, out / f"fold_{k}", epoch_callback=runs[k].log_epoch,
+                                       device=device, extra_meta=extra, ctx=ctx))
+        except Exception:
+            for k in list(state["running"]):
+                runs[int(k)].fail()
+            raise
         summary = aggregate(state["folds"], classes, out)
         mlflow.log_metrics(_finite({**summary, "cv_seconds_this_session": time.perf_counter() - started}))
     cv = {
@@ -260,7 +348,7 @@ def run_cv(params: Params, *, resume: bool = True) -> dict:
         "metrics": summary,
     }
     atomic_write_json(out / CV_FILE, cv)
-    return cv
+    return ctx.broadcast(cv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,11 +356,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-resume", action="store_true", help="start a new CV even if finished folds match")
     args = parser.parse_args(argv)
     params = params_from_args(args)
-    cv = run_cv(params, resume=not args.no_resume)
-    m = cv.get("metrics", {})
-    print(f"train: {cv['folds']} folds finished, parent run {cv['parent_run_id']} ({cv.get('run_name')}); "
-          f"pooled OOF AUC {m.get('cv_oof_roc_auc', float('nan')):.4f}, "
-          f"fold test AUC {m.get('cv_test_roc_auc_mean', float('nan')):.4f} ± {m.get('cv_test_roc_auc_std', float('nan')):.4f}")
+    cfg = params.train
+    _checked_store(params)  # a bad setting fails here, once, not in every relaunched process
+    if cfg.devices > 1 and not distributed.launched_by_torchrun():
+        return distributed.relaunch(cfg.devices, "src.train", sys.argv[1:] if argv is None else list(argv))
+    ctx, device = distributed.setup(cfg.device)
+    try:
+        cv = run_cv(params, resume=not args.no_resume, ctx=ctx, device=device)
+    finally:
+        distributed.teardown()
+    if ctx.is_main:
+        m = cv.get("metrics", {})
+        print(f"train: {cv['folds']} folds finished, parent run {cv['parent_run_id']} ({cv.get('run_name')}); "
+              f"pooled OOF AUC {m.get('cv_oof_roc_auc', float('nan')):.4f}, fold test AUC "
+              f"{m.get('cv_test_roc_auc_mean', float('nan')):.4f} ± {m.get('cv_test_roc_auc_std', float('nan')):.4f}"
+              + (f"; {ctx.world} processes" if ctx.active else ""))
     return 0
 
 

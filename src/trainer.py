@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from src.augment import augment_batch, build_augment
 from src.config import Params, TrainParams
+from src.distributed import Dist, unwrap, wrap
 from src.errors import BoneHealthError, DataError
 from src.fileio import atomic_path
 from src.metrics import auc_score
@@ -201,11 +202,12 @@ def epoch_order(rows: np.ndarray, labels: np.ndarray, balance: str, rng: np.rand
     return rng.permutation(rows)
 
 
-def batches_of(order: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+def batches_of(order: np.ndarray, batch_size: int, world: int = 1) -> Iterator[np.ndarray]:
+    """Global batches; a short last one is dropped when some process would get under one image
+    (or BatchNorm a single sample): one dropped image per epoch is harmless."""
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        # BatchNorm cannot train on a single sample; one dropped image per epoch is harmless.
-        if len(chunk) > 1 or start == 0:
+        if len(chunk) >= max(2, world) or start == 0:
             yield chunk
 
 
@@ -295,7 +297,12 @@ def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- loops
 @dataclass
 class Engine:
-    """The pieces one optimisation step needs; also used by benchmarks/bench_train.py."""
+    """The pieces one optimisation step needs; also used by benchmarks/bench_train.py.
+
+    `model` is what trains (DistributedDataParallel-wrapped under torchrun); `net` is the
+    network inside it.  The criterion sums over the images it sees and `train_step` divides
+    by the global batch's normaliser, so a step is the same for any number of processes.
+    """
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     criterion: torch.nn.Module
@@ -306,21 +313,39 @@ class Engine:
     grad_clip: float | None = None
     scaler: Any = None
     ema: Any = None      # timm ModelEmaV3: averaged weights used for validation, checkpoint and test
+    dist: Dist = field(default_factory=Dist)
     steps: int = 0
 
     @property
+    def net(self) -> torch.nn.Module:
+        return unwrap(self.model)
+
+    @property
     def eval_model(self) -> torch.nn.Module:
-        return self.ema.module if self.ema is not None else self.model
+        return self.ema.module if self.ema is not None else self.net
+
+    def loss_denominator(self, labels: np.ndarray) -> float:
+        """What the criterion's 'mean' divides by: the batch size, or its summed class weights."""
+        weight = getattr(self.criterion, "weight", None)
+        if weight is None:
+            return float(len(labels))
+        return float(weight.detach().cpu().numpy()[np.asarray(labels, dtype=np.int64)].sum())
 
     def to_tensor(self, images: np.ndarray) -> torch.Tensor:
         return to_input(images, self.meta, device=self.device, channels_last=self.channels_last)
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray) -> float:
+    def train_step(self, images: np.ndarray, labels: np.ndarray, denominator: float | None = None) -> float:
+        """One step on this process's `images`; `denominator` is the global batch's
+        `loss_denominator` (default: these labels').  Returns this process's share of the
+        global batch's mean loss (the shares of all processes add up to it)."""
         x = self.to_tensor(images)
         y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
+        denom = denominator if denominator is not None else self.loss_denominator(labels)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast_context(self.device, self.amp):
-            loss = self.criterion(self.model(x).float(), y)
+            share = self.criterion(self.model(x).float(), y) / denom
+        # DDP averages gradients over processes; scaling by their number turns that into the sum.
+        loss = share * self.dist.world
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             if self.grad_clip:
@@ -335,8 +360,8 @@ class Engine:
             self.optimizer.step()
         self.steps += 1
         if self.ema is not None:
-            self.ema.update(self.model, step=self.steps)
-        return float(loss.detach())
+            self.ema.update(self.net, step=self.steps)
+        return float(share.detach())
 
     @torch.no_grad()
     def predict(self, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -366,7 +391,9 @@ def reset_head(model: torch.nn.Module, std: float = 0.01) -> None:
         torch.nn.init.zeros_(head.bias)
 
 
-def build_engine(cfg: TrainParams, meta: dict[str, Any], device: torch.device, train_labels: np.ndarray) -> Engine:
+def build_engine(cfg: TrainParams, meta: dict[str, Any], device: torch.device, train_labels: np.ndarray,
+                 ctx: Dist | None = None) -> Engine:
+    ctx = ctx or Dist()
     n_classes = int(meta["num_classes"])
     model = create_model(cfg.model, num_classes=n_classes, in_chans=cfg.in_chans, pretrained=cfg.pretrained,
                          weights=cfg.weights, drop_rate=cfg.drop_rate).to(device)
@@ -383,34 +410,41 @@ def build_engine(cfg: TrainParams, meta: dict[str, Any], device: torch.device, t
         # Warm-up ramp (decay 1 - (1 + step)^-2/3, capped at ema_decay): a CPU run has only a
         # few hundred steps, so a fixed 0.99 would still average in the random initialisation.
         ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
+    # DDP broadcasts rank 0's initial weights, so every process starts from the same network.
+    model = wrap(model, ctx, device, cfg.sync_bn)
     return Engine(
         model=model, optimizer=OPTIMIZERS[cfg.optimizer](model.parameters(), cfg),
-        criterion=torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing),
+        criterion=torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing, reduction="sum"),
         meta=meta, device=device, amp=dtype, channels_last=cfg.channels_last,
-        grad_clip=cfg.grad_clip, scaler=scaler, ema=ema,
+        grad_clip=cfg.grad_clip, scaler=scaler, ema=ema, dist=ctx,
     )
 
 
 def run_epoch(engine: Engine, source: BatchSource, chunks: list[np.ndarray], *, num_workers: int = 0,
               seed: int = 0, schedule: Schedule | None = None, desc: str = "train") -> tuple[float, float]:
-    """One pass over `chunks` in train mode; returns (mean loss, images per second)."""
+    """One pass over the global batches `chunks` in train mode (each process takes its shard of
+    every batch); returns (mean loss over all processes, images per second over all processes)."""
     engine.model.train()
+    ctx = engine.dist
+    labels_all = source.labels
+    shards = [ctx.shard(c) for c in chunks]
     total, seen = 0.0, 0
     start = time.perf_counter()
     bar = tqdm(total=sum(len(c) for c in chunks), desc=desc, unit="img", leave=False, file=sys.stderr,
-               dynamic_ncols=True, mininterval=1.0)
+               dynamic_ncols=True, mininterval=1.0, disable=not ctx.is_main)
     try:
-        for images, labels in iterate(source, chunks, num_workers, seed):
-            loss = engine.train_step(images, labels)
+        for chunk, (images, labels) in zip(chunks, iterate(source, shards, num_workers, seed)):
+            share = engine.train_step(images, labels, engine.loss_denominator(labels_all[chunk]))
             if schedule is not None:
                 schedule.step_batch()
-            total += loss * len(labels)
-            seen += len(labels)
+            total += share * len(chunk)
+            seen += len(chunk)
             elapsed = time.perf_counter() - start
-            bar.update(len(labels))
+            bar.update(len(chunk))
             bar.set_postfix(loss=f"{total / seen:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.1f}", refresh=False)
     finally:
         bar.close()
+    total = ctx.sum(total, engine.device)
     elapsed = time.perf_counter() - start
     return total / max(seen, 1), seen / max(elapsed, 1e-9)
 
@@ -458,14 +492,18 @@ class _Fit:
 
 
 def _fit(params: Params, store: PreparedStore, meta: dict[str, Any], train_rows: np.ndarray, val_rows: np.ndarray,
-         seed: int, label: str, device, epoch_callback: EpochCallback | None) -> _Fit:
+         seed: int, label: str, device, epoch_callback: EpochCallback | None, ctx: Dist) -> _Fit:
     """The epoch loop; leaves the chosen weights loaded in the returned engine's model.
 
     With validation rows the best epoch (inner-val AUC, then loss) is chosen and early
-    stopping applies; without them (all-data refit) the last epoch is kept.
+    stopping applies; without them (all-data refit) the last epoch is kept.  Under torchrun
+    rank 0 validates and the others follow its figures, so every rank stops together.
     """
     cfg = params.train
     device = torch.device(device) if device is not None else select_device(cfg.device)
+    if cfg.batch_size < ctx.world:
+        raise BoneHealthError(f"train.batch_size={cfg.batch_size} is the global batch: it needs at least one "
+                              f"image per process ({ctx.world} processes)")
     if cfg.threads:
         # Fewer threads than cores wins when other processes share the CPU: OpenMP workers
         # spin-wait, and a 2-thread step on a busy 2-core machine ran ~5x slower than 1 thread.
@@ -475,9 +513,12 @@ def _fit(params: Params, store: PreparedStore, meta: dict[str, Any], train_rows:
     if len(np.unique(labels[train_rows])) < len(store.classes):
         raise DataError(f"{store.root}: the training part of {label} lacks a class; need more patients per class")
 
-    engine = build_engine(cfg, meta, device, labels[train_rows])
-    schedule = Schedule(engine.optimizer, cfg, max(1, sum(1 for _ in batches_of(train_rows, cfg.batch_size))))
-    source = BatchSource(store, build_augment(cfg.augment, seed=seed))
+    engine = build_engine(cfg, meta, device, labels[train_rows], ctx)
+    if ctx.active:
+        # Same initial weights everywhere (above), but each rank its own dropout masks.
+        torch.manual_seed(seed + 1_000_003 * ctx.rank)
+    schedule = Schedule(engine.optimizer, cfg, max(1, sum(1 for _ in batches_of(train_rows, cfg.batch_size, ctx.world))))
+    source = BatchSource(store, build_augment(cfg.augment, seed=seed + 7919 * ctx.rank))
     val_images, val_labels = store.images[val_rows], labels[val_rows]
     rng = np.random.default_rng(seed)
 
@@ -487,13 +528,15 @@ def _fit(params: Params, store: PreparedStore, meta: dict[str, Any], train_rows:
     best_epoch, stale = 0, 0
     for epoch in range(1, cfg.epochs + 1):
         lr = float(engine.optimizer.param_groups[0]["lr"])
-        chunks = list(batches_of(epoch_order(train_rows, labels, cfg.class_balance, rng), cfg.batch_size))
-        train_loss, speed = run_epoch(engine, source, chunks, num_workers=cfg.num_workers, seed=seed * 1000 + epoch,
+        chunks = list(batches_of(epoch_order(train_rows, labels, cfg.class_balance, rng), cfg.batch_size, ctx.world))
+        train_loss, speed = run_epoch(engine, source, chunks, num_workers=cfg.num_workers,
+                                      seed=seed * 1000 + epoch + 100_003 * ctx.rank,
                                       schedule=schedule, desc=f"{label} epoch {epoch}/{cfg.epochs}")
         val_loss = val_auc = float("nan")
-        if len(val_rows):
+        if len(val_rows) and ctx.is_main:
             val_probs = engine.predict(val_images, cfg.batch_size * 2)
             val_loss, val_auc = _val_loss(val_probs, val_labels), auc_score(val_labels, val_probs)
+        val_loss, val_auc = ctx.broadcast((val_loss, val_auc))
         schedule.step_epoch(val_loss)
         record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": val_auc,
                   "lr": lr, "images_per_s": speed}
@@ -501,15 +544,16 @@ def _fit(params: Params, store: PreparedStore, meta: dict[str, Any], train_rows:
         improved = _better(val_auc, val_loss, best) if len(val_rows) else True
         if improved:
             best, best_epoch, stale = (val_auc, val_loss), epoch, 0
-            if len(val_rows):  # without validation the last epoch wins: no copy needed
+            if len(val_rows) and ctx.is_main:  # without validation the last epoch wins: no copy needed
                 best_state = copy.deepcopy({k: v.detach().to("cpu") for k, v in engine.eval_model.state_dict().items()})
         else:
             stale += 1
-        print(f"{label} epoch {epoch}/{cfg.epochs}: train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
-              f"val_auc {val_auc:.4f} lr {lr:.2e} {speed:.1f} img/s{' *' if improved and len(val_rows) else ''}",
-              file=sys.stderr, flush=True)
-        if epoch_callback is not None:
-            epoch_callback(epoch, dict(record))
+        if ctx.is_main:
+            print(f"{label} epoch {epoch}/{cfg.epochs}: train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
+                  f"val_auc {val_auc:.4f} lr {lr:.2e} {speed:.1f} img/s{' *' if improved and len(val_rows) else ''}",
+                  file=sys.stderr, flush=True)
+            if epoch_callback is not None:
+                epoch_callback(epoch, dict(record))
         if len(val_rows) and cfg.early_stopping_patience and stale >= cfg.early_stopping_patience:
             break
     if best_state is not None:
@@ -519,28 +563,34 @@ def _fit(params: Params, store: PreparedStore, meta: dict[str, Any], train_rows:
 
 def train_fold(params: Params, store: PreparedStore, fold: int, out_dir: Path, *,
                epoch_callback: EpochCallback | None = None, device=None,
-               extra_meta: dict[str, Any] | None = None) -> FoldResult:
+               extra_meta: dict[str, Any] | None = None, ctx: Dist | None = None) -> FoldResult:
     """Train on fold `fold`'s training part, select on its inner validation part, predict its
     test fold once; writes test_predictions.csv, model.pt and meta.json (last) into out_dir.
 
     `epoch_callback(epoch, record)` runs after every epoch (1-based); an exception it raises
     (e.g. optuna.TrialPruned) stops training and propagates, leaving out_dir untouched.
-    `extra_meta` is merged into meta.json (train.py adds the MLflow run id).
+    `extra_meta` is merged into meta.json (train.py adds the MLflow run id).  Under torchrun
+    (`ctx`) every rank calls this; only rank 0 calls back, predicts and writes.
     """
     cfg = params.train
+    ctx = ctx or Dist()
     out_dir = Path(out_dir)
     started = time.perf_counter()
     split = fold_split(store, fold, cfg.val_fraction, cfg.seed)
     meta = checkpoint_meta(params, store, fold)
-    fit = _fit(params, store, meta, split.train, split.val, cfg.seed + fold, f"fold {fold}", device, epoch_callback)
+    fit = _fit(params, store, meta, split.train, split.val, cfg.seed + fold, f"fold {fold}", device, epoch_callback,
+               ctx)
 
-    test_probs = fit.engine.predict(store.images[split.test], cfg.batch_size * 2)
-    predictions = predictions_frame(store, split.test, test_probs)
-    meta.update({"best_epoch": fit.best_epoch, "val_auc": fit.best_val_auc, **(extra_meta or {})})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / PREDICTIONS_FILE) as tmp:
-        predictions.to_csv(tmp, index=False)
-    save_checkpoint(out_dir, fit.engine.eval_model, meta)  # meta.json written last marks the folder complete
+    test_rows = split.test if ctx.is_main else split.test[:0]
+    test_probs = fit.engine.predict(store.images[test_rows], cfg.batch_size * 2)
+    predictions = predictions_frame(store, test_rows, test_probs)
+    meta.update({"best_epoch": fit.best_epoch, "val_auc": fit.best_val_auc, "world_size": ctx.world,
+                 **(extra_meta or {})})
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out_dir / PREDICTIONS_FILE) as tmp:
+            predictions.to_csv(tmp, index=False)
+        save_checkpoint(out_dir, fit.engine.eval_model, meta)  # meta.json written last marks the folder complete
     return FoldResult(
         fold=fold, history=fit.history, best_epoch=fit.best_epoch, best_val_auc=fit.best_val_auc,
         test_predictions=predictions, checkpoint_dir=out_dir, seconds=time.perf_counter() - started,
@@ -550,20 +600,23 @@ def train_fold(params: Params, store: PreparedStore, fold: int, out_dir: Path, *
 
 def train_all(params: Params, store: PreparedStore, out_dir: Path, *,
               epoch_callback: EpochCallback | None = None, device=None,
-              extra_meta: dict[str, Any] | None = None) -> FoldResult:
+              extra_meta: dict[str, Any] | None = None, ctx: Dist | None = None) -> FoldResult:
     """Refit on every image for exactly train.epochs (no validation, no early stopping, the
     last epoch kept): register's `refit` strategy, with epochs chosen by the CV beforehand.
 
     Writes model.pt and meta.json (fold null); there is no test fold, so no predictions.
     """
     cfg = params.train
+    ctx = ctx or Dist()
     out_dir = Path(out_dir)
     started = time.perf_counter()
     rows = np.arange(len(store.images))
     meta = checkpoint_meta(params, store, fold=None)
-    fit = _fit(params, store, meta, rows, rows[:0], cfg.seed, "all data", device, epoch_callback)
-    meta.update({"best_epoch": fit.best_epoch, "val_auc": None, "trained_on": "all", **(extra_meta or {})})
-    save_checkpoint(out_dir, fit.engine.eval_model, meta)
+    fit = _fit(params, store, meta, rows, rows[:0], cfg.seed, "all data", device, epoch_callback, ctx)
+    meta.update({"best_epoch": fit.best_epoch, "val_auc": None, "trained_on": "all", "world_size": ctx.world,
+                 **(extra_meta or {})})
+    if ctx.is_main:
+        save_checkpoint(out_dir, fit.engine.eval_model, meta)
     empty = predictions_frame(store, rows[:0], np.zeros((0, len(store.classes))))
     return FoldResult(
         fold=-1, history=fit.history, best_epoch=fit.best_epoch, best_val_auc=float("nan"),

@@ -239,7 +239,7 @@ def test_resume_after_kill_mid_fold(tmp_path):
                 state = json.loads((out / STATE_FILE).read_text())
             except (OSError, json.JSONDecodeError):
                 state = None
-            if state and (state.get("running") or {}).get("fold") == 1:
+            if state and "1" in (state.get("running") or {}):
                 break
             time.sleep(0.05)
     finally:
@@ -249,7 +249,7 @@ def test_resume_after_kill_mid_fold(tmp_path):
         log.close()
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "train.log").read_text()[-2000:]
     assert (out / "fold_0" / "meta.json").is_file() and not (out / CV_FILE).exists()
-    killed_run = state["running"]["run_id"]
+    killed_run = state["running"]["1"]
     fold0_run = state["folds"]["0"]["run_id"]
     fold0_mtime = (out / "fold_0" / "model.pt").stat().st_mtime_ns
 

@@ -1,0 +1,175 @@
+"""Beyond one process: DDP under torchrun (gloo on CPU) and `train.fold_parallel` workers.
+
+The DDP equivalence test uses timm's GroupNorm EfficientNet: no layer couples the images of
+a batch, so 2 processes with half a global batch each must take exactly the steps one
+process takes on the whole batch (up to float summation order).  With BatchNorm each process
+normalises its own shard (SyncBatchNorm is CUDA-only in torch), which the second test only
+runs end to end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from src.cli import run_main
+from src.distributed import Dist
+from src.errors import BoneHealthError
+from src.train import CV_FILE, main as train_main, run_cv
+from src.trainer import batches_of
+from tests.train_helpers import make_tiny_store, tiny_params
+
+REPO = Path(__file__).resolve().parents[1]
+PROB_COLS = ["prob_C1", "prob_C3"]
+
+
+def _params_file(path: Path, params) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    return path
+
+
+def _run(cmd: list[str], log: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a command in its own process group (killed as a group on timeout), output to `log`."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["OMP_NUM_THREADS"] = "1"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, log.read_text(), "")
+
+
+def _runs(params):
+    client = MlflowClient(tracking_uri=params.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name(params.mlflow.experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+# ----------------------------------------------------------------------------- pieces
+def test_global_batches_are_sharded_without_empty_shards():
+    order = np.arange(11)
+    chunks = list(batches_of(order, 5, world=2))
+    assert [len(c) for c in chunks] == [5, 5]  # the last single image would leave rank 1 empty
+    assert [len(c) for c in batches_of(np.arange(12), 5, world=2)] == [5, 5, 2]
+    r0, r1 = Dist(rank=0, world=2), Dist(rank=1, world=2)
+    assert sorted(np.concatenate([r0.shard(chunks[0]), r1.shard(chunks[0])])) == list(chunks[0])
+    assert list(Dist().shard(chunks[0])) == list(chunks[0])
+
+
+# ----------------------------------------------------------------------------- DDP
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path):
+    root = make_tiny_store(tmp_path / "s", n_per_class=12, folds=2)
+    # batch 5 over 2 processes: uneven shards (3 + 2) and class weights test the loss normaliser.
+    common = dict(model="test_efficientnet_gn", epochs=3, batch_size=5, scheduler="cosine", lr=0.005,
+                  class_balance="weights", augment={"enabled": False}, drop_rate=0.0)
+    single = tiny_params(tmp_path / "one", root, **common)
+    cv_one = run_cv(single)
+
+    double = tiny_params(tmp_path / "two", root, **common)
+    pfile = _params_file(tmp_path / "two" / "params.yaml", double)
+    # train.devices=2 relaunches `python -m src.train` under torchrun by itself.
+    done = _run([sys.executable, "-m", "src.train", "--params", str(pfile), "--set", "train.devices=2"],
+                tmp_path / "two.log")
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "relaunching under torchrun: python -m torch.distributed.run" in done.stdout
+    cv_two = json.loads((Path(double.train.out) / CV_FILE).read_text())
+    assert cv_two["status"] == "FINISHED"
+
+    for k in range(2):
+        a = torch.load(Path(single.train.out) / f"fold_{k}" / "model.pt")
+        b = torch.load(Path(double.train.out) / f"fold_{k}" / "model.pt")
+        assert a.keys() == b.keys()
+        worst = max(float((a[n].double() - b[n].double()).abs().max()) for n in a if a[n].is_floating_point())
+        assert worst < 1e-4, f"fold {k}: weights differ by {worst}"
+        pa = pd.read_csv(Path(single.train.out) / f"fold_{k}" / "test_predictions.csv")
+        pb = pd.read_csv(Path(double.train.out) / f"fold_{k}" / "test_predictions.csv")
+        assert list(pa["index"]) == list(pb["index"])
+        np.testing.assert_allclose(pa[PROB_COLS].to_numpy(), pb[PROB_COLS].to_numpy(), atol=1e-4)
+        assert json.loads((Path(double.train.out) / f"fold_{k}" / "meta.json").read_text())["world_size"] == 2
+    assert cv_two["metrics"]["cv_oof_roc_auc"] == pytest.approx(cv_one["metrics"]["cv_oof_roc_auc"], abs=1e-6)
+
+
+def test_torchrun_with_batchnorm_logs_once_from_rank_zero(tmp_path):
+    root = make_tiny_store(tmp_path / "s", n_per_class=8, folds=2)
+    params = tiny_params(tmp_path, root, epochs=2, batch_size=6)
+    pfile = _params_file(tmp_path / "params.yaml", params)
+    done = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                 "-m", "src.train", "--params", str(pfile)], tmp_path / "torchrun.log")
+    assert done.returncode == 0, done.stdout[-3000:]
+    # Only rank 0 prints, logs and writes: one epoch line each, one parent run, K children.
+    assert done.stdout.count("fold 0 epoch 1/2: train_loss") == 1
+    assert "2 processes" in done.stdout
+    client, parents, children = _runs(params)
+    assert len(parents) == 1 and parents[0].data.tags["world_size"] == "2"
+    assert sorted(r.data.tags["fold"] for r in children) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" for r in children + parents)
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "val_auc")
+        assert [m.step for m in history] == [1, 2]
+        assert "test_roc_auc" in child.data.metrics
+    assert json.loads((Path(params.train.out) / CV_FILE).read_text())["status"] == "FINISHED"
+
+
+def test_sync_bn_on_cpu_and_conflicting_settings_fail_with_one_line(tmp_path, capsys):
+    root = make_tiny_store(tmp_path / "s", n_per_class=6, folds=2)
+    pfile = _params_file(tmp_path / "params.yaml", tiny_params(tmp_path, root))
+    assert run_main(train_main, ["--params", str(pfile), "--set", "train.devices=2", "--set", "train.sync_bn=true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: train.sync_bn:") and "CUDA only" in err[0]
+    assert run_main(train_main, ["--params", str(pfile), "--set", "train.devices=2",
+                                 "--set", "train.fold_parallel=2"]) == 2
+    assert "train.fold_parallel and train.devices" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists()
+
+
+# ----------------------------------------------------------------------------- fold_parallel
+def test_fold_parallel_gives_the_sequential_results_and_logs_each_fold(tmp_path):
+    root = make_tiny_store(tmp_path / "s", n_per_class=9, folds=3)
+    sequential = tiny_params(tmp_path / "seq", root, epochs=2)
+    cv_seq = run_cv(sequential)
+    parallel = tiny_params(tmp_path / "par", root, epochs=2, fold_parallel=2)
+    cv_par = run_cv(parallel)
+
+    assert cv_par["status"] == "FINISHED" and sorted(cv_par["fold_run_ids"]) == ["0", "1", "2"]
+    for k in range(3):
+        a = pd.read_csv(Path(sequential.train.out) / f"fold_{k}" / "test_predictions.csv")
+        b = pd.read_csv(Path(parallel.train.out) / f"fold_{k}" / "test_predictions.csv")
+        np.testing.assert_allclose(a[PROB_COLS].to_numpy(), b[PROB_COLS].to_numpy(), atol=1e-6)
+    assert cv_par["metrics"]["cv_oof_roc_auc"] == pytest.approx(cv_seq["metrics"]["cv_oof_roc_auc"])
+    client, parents, children = _runs(parallel)
+    assert len(parents) == 1 and len(children) == 3
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [1, 2]
+        names = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"checkpoint", "test_predictions.csv"} <= names
+    state = json.loads((Path(parallel.train.out) / "cv_state.json").read_text())
+    assert state["running"] == {} and sorted(state["folds"]) == ["0", "1", "2"]
+
+
+def test_fold_parallel_worker_failure_stops_the_cv_and_fails_its_runs(tmp_path):
+    root = make_tiny_store(tmp_path / "s", n_per_class=8, folds=2)
+    params = tiny_params(tmp_path, root, fold_parallel=2, model="no_such_model_anywhere")
+    with pytest.raises(BoneHealthError, match=r"^fold \d: train.model: unknown timm model 'no_such_model_anywhere'"):
+        run_cv(params)
+    _, parents, children = _runs(params)
+    assert len(children) == 2 and all(r.info.status == "FAILED" for r in children)
+    assert not (Path(params.train.out) / CV_FILE).exists()
