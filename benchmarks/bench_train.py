@@ -59,7 +59,7 @@ def bare_rate(engine, x: torch.Tensor, y: torch.Tensor, batches: int) -> float:
     for _ in range(batches):
         engine.optimizer.zero_grad(set_to_none=True)
         with autocast_context(engine.device, engine.amp):
-            loss = engine.criterion(engine.model(x).float(), y)
+            loss = engine.criterion(engine.model(x).float(), y) / len(y)  # the criterion sums
         if engine.scaler is not None:
             engine.scaler.scale(loss).backward()
             engine.scaler.step(engine.optimizer)

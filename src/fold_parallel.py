@@ -50,14 +50,30 @@ def _worker(params_json: dict, device: str, inbox, events) -> None:
 
     params = Params.model_validate(params_json)
     store = PreparedStore.open(params.prepare.out)
+    parent = mp.parent_process()
+
+    def orphaned() -> bool:
+        # A parent killed outright (OOM killer, SIGKILL) cannot stop its workers: they stop themselves.
+        return parent is not None and not parent.is_alive()
+
+    def relay(fold: int, epoch: int, record: dict) -> None:
+        if orphaned():
+            raise SystemExit(f"fold {fold}: the parent process is gone")
+        events.put(("epoch", fold, epoch, record))
+
     while True:
-        task = inbox.get()
+        try:
+            task = inbox.get(timeout=_POLL_S)
+        except queue.Empty:
+            if orphaned():
+                return
+            continue
         if task is None:
             return
         fold, fold_dir, extra_meta = task
         try:
             result = train_fold(params, store, fold, Path(fold_dir), device=device, extra_meta=extra_meta,
-                                epoch_callback=lambda e, r, k=fold: events.put(("epoch", k, e, r)))
+                                epoch_callback=lambda e, r, k=fold: relay(k, e, r))
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent, then this worker ends
             one_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             events.put(("error", fold, (isinstance(exc, BoneHealthError), one_line, traceback.format_exc())))

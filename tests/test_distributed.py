@@ -173,3 +173,61 @@ def test_fold_parallel_worker_failure_stops_the_cv_and_fails_its_runs(tmp_path):
     _, parents, children = _runs(params)
     assert len(children) == 2 and all(r.info.status == "FAILED" for r in children)
     assert not (Path(params.train.out) / CV_FILE).exists()
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_fold_parallel_parent_killed_workers_stop_and_rerun_resumes(tmp_path):
+    import time
+
+    root = make_tiny_store(tmp_path / "s", n_per_class=8, folds=2)
+    params = tiny_params(tmp_path, root, epochs=40, fold_parallel=2)
+    pfile = _params_file(tmp_path / "params.yaml", params)
+    state_file = Path(params.train.out) / "cv_state.json"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    log = open(tmp_path / "train.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "src.train", "--params", str(pfile)], cwd=REPO, env=env,
+                            stdout=log, stderr=log, start_new_session=True)
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+            if len(state.get("running") or {}) == 2 and "epoch 2/40:" in (tmp_path / "train.log").read_text():
+                break
+            time.sleep(0.2)
+        workers = [p for p in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(workers) == 2, (tmp_path / "train.log").read_text()[-2000:]
+        proc.kill()  # the parent only, as the OOM killer would
+        proc.wait()
+        deadline = time.time() + 60
+        while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in workers):
+            time.sleep(0.2)
+        assert not any(Path(f"/proc/{p}").exists() for p in workers), "orphaned fold workers kept running"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        log.close()
+    killed = json.loads(state_file.read_text())["running"]
+    assert sorted(killed) == ["0", "1"]
+
+    cv = run_cv(params)  # the same settings: resumes the parent run, retrains the two killed folds
+    client = MlflowClient(tracking_uri=params.mlflow.tracking_uri)
+    assert cv["status"] == "FINISHED" and cv["parent_run_id"] == json.loads(state_file.read_text())["parent_run_id"]
+    assert all(client.get_run(r).info.status == "KILLED" for r in killed.values())
+    assert not set(killed.values()) & set(cv["fold_run_ids"].values())

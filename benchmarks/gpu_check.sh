@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU checks in one prepared script (issue 8): run it on a machine with a CUDA GPU,
+#     bash benchmarks/gpu_check.sh [OUT_DIR]
+# 1. the CUDA path of the tests (tests/test_cuda.py; skipped on machines without CUDA),
+# 2. single-GPU AMP throughput of efficientnet_b0 at 224 and efficientnet_b5 at 456, each as
+#    trainer img/s next to a bare forward/backward/step loop in the same run (benchmarks/bench_train.py),
+# 3. DDP (NCCL) scaling against one process when two or more GPUs are visible.
+# Synthetic stores (random uint8 images) keep it independent of any dataset; nothing is downloaded.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-gpu_check_out}}
+mkdir -p "$OUT"
+PY=${PY:-.venv/bin/python}
+export HF_HUB_OFFLINE=1 NO_ALBUMENTATIONS_UPDATE=1
+status=0
+run() {  # name, command...: output to the terminal and $OUT/name.log; failures are counted, not fatal
+  local name=$1; shift
+  echo "== $name: $*" | tee "$OUT/$name.log"
+  "$@" 2>&1 | tee -a "$OUT/$name.log" | grep -v "it/s\]\|img/s\]" || true
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "!! $name failed" | tee -a "$OUT/$name.log"; status=1; }
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'bf16', torch.cuda.is_bf16_supported())" | tee -a "$OUT/gpu.txt"
+
+run tests_cuda $PY -m pytest -q -rs tests/test_cuda.py
+COMMON=(--synthetic --rounds 3 --batches 20 --set train.device=cuda --set train.amp=auto
+        --set train.channels_last=true --set train.num_workers=4)
+run bench_b0_224 $PY benchmarks/bench_train.py "${COMMON[@]}" --set train.model=efficientnet_b0 \
+    --set train.image_size=224 --set prepare.crop.size=224 --set train.batch_size=64
+run bench_b5_456 $PY benchmarks/bench_train.py "${COMMON[@]}" --set train.model=efficientnet_b5 \
+    --set train.image_size=456 --set prepare.crop.size=456 --set train.batch_size=16
+NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
+if [ "$NGPU" -ge 2 ]; then
+  run bench_ddp_b0_224 $PY benchmarks/bench_ddp.py --nproc "$NGPU" --size 224 --batches 20 --rounds 3 \
+      --set train.model=efficientnet_b0 --set train.batch_size=$((64 * NGPU)) --set train.device=cuda
+else
+  echo "one GPU visible: DDP scaling not measured" | tee "$OUT/bench_ddp.log"
+fi
+echo "gpu_check: exit status $status (logs in $OUT)"
+exit $status

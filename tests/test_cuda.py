@@ -1,0 +1,48 @@
+"""The CUDA path: AMP, channels_last, checkpoints that load on CPU, fold workers on GPUs.
+
+Skipped where torch sees no CUDA device (CI, the 2-core dev box); run on a GPU machine by
+benchmarks/gpu_check.sh together with the GPU throughput benchmark.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from src.models import load_checkpoint, predict_proba
+from src.store import PreparedStore
+from src.train import run_cv
+from src.trainer import amp_dtype, select_device, train_fold
+from tests.train_helpers import make_tiny_store, tiny_params
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
+
+
+def test_auto_device_and_amp_pick_cuda_and_a_half_precision():
+    device = select_device("auto")
+    assert device.type == "cuda"
+    assert amp_dtype("auto", device) in (torch.bfloat16, torch.float16)
+
+
+@pytest.mark.parametrize("amp", ["auto", "fp16"])
+def test_fold_trains_with_amp_and_its_checkpoint_predicts_alike_on_cpu(tmp_path, amp):
+    root = make_tiny_store(tmp_path / "s", n_per_class=10, folds=2, size=64)
+    params = tiny_params(tmp_path, root, device="cuda", amp=amp, channels_last=True, epochs=3, threads=None)
+    store = PreparedStore.open(root)
+    res = train_fold(params, store, 0, tmp_path / "fold")
+    assert all(np.isfinite(r["train_loss"]) for r in res.history)
+    model, meta = load_checkpoint(tmp_path / "fold", device="cpu")
+    test = res.test_predictions
+    cpu = predict_proba(model, store.images[test["index"].to_numpy()], meta, device="cpu")
+    # The GPU predicted under autocast (half precision), the CPU in float32.
+    np.testing.assert_allclose(cpu[:, 1], test["prob_C3"].to_numpy(), atol=2e-2)
+
+
+def test_fold_parallel_puts_workers_on_gpus(tmp_path):
+    root = make_tiny_store(tmp_path / "s", n_per_class=9, folds=3, size=64)
+    params = tiny_params(tmp_path, root, device="cuda", epochs=2, fold_parallel=2, threads=None)
+    cv = run_cv(params)
+    assert cv["status"] == "FINISHED" and len(cv["fold_run_ids"]) == 3
+    preds = pd.concat([pd.read_csv(tmp_path / "models" / f"fold_{k}" / "test_predictions.csv") for k in range(3)])
+    assert sorted(preds["index"]) == list(range(18))
