@@ -314,6 +314,7 @@ class Engine:
     scaler: Any = None
     ema: Any = None      # timm ModelEmaV3: averaged weights used for validation, checkpoint and test
     dist: Dist = field(default_factory=Dist)
+    class_weight: np.ndarray | None = None  # host copy of the criterion's weights, for the normaliser
     steps: int = 0
 
     @property
@@ -326,18 +327,18 @@ class Engine:
 
     def loss_denominator(self, labels: np.ndarray) -> float:
         """What the criterion's 'mean' divides by: the batch size, or its summed class weights."""
-        weight = getattr(self.criterion, "weight", None)
-        if weight is None:
+        if self.class_weight is None:
             return float(len(labels))
-        return float(weight.detach().cpu().numpy()[np.asarray(labels, dtype=np.int64)].sum())
+        return float(self.class_weight[np.asarray(labels, dtype=np.int64)].sum())
 
     def to_tensor(self, images: np.ndarray) -> torch.Tensor:
         return to_input(images, self.meta, device=self.device, channels_last=self.channels_last)
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray, denominator: float | None = None) -> float:
+    def train_step(self, images: np.ndarray, labels: np.ndarray, denominator: float | None = None) -> torch.Tensor:
         """One step on this process's `images`; `denominator` is the global batch's
         `loss_denominator` (default: these labels').  Returns this process's share of the
-        global batch's mean loss (the shares of all processes add up to it)."""
+        global batch's mean loss (the shares of all processes add up to it) as a 0-d tensor
+        on the device: reading it is a GPU sync, so callers do that once in a while."""
         x = self.to_tensor(images)
         y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
         denom = denominator if denominator is not None else self.loss_denominator(labels)
@@ -361,7 +362,7 @@ class Engine:
         self.steps += 1
         if self.ema is not None:
             self.ema.update(self.net, step=self.steps)
-        return float(share.detach())
+        return share.detach()
 
     @torch.no_grad()
     def predict(self, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -400,7 +401,7 @@ def build_engine(cfg: TrainParams, meta: dict[str, Any], device: torch.device, t
     reset_head(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    weight = class_weights(train_labels, n_classes).to(device) if cfg.class_balance == "weights" else None
+    weight = class_weights(train_labels, n_classes) if cfg.class_balance == "weights" else None
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type) if (dtype == torch.float16 and device.type == "cuda") else None
     ema = None
@@ -414,9 +415,11 @@ def build_engine(cfg: TrainParams, meta: dict[str, Any], device: torch.device, t
     model = wrap(model, ctx, device, cfg.sync_bn)
     return Engine(
         model=model, optimizer=OPTIMIZERS[cfg.optimizer](model.parameters(), cfg),
-        criterion=torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing, reduction="sum"),
+        criterion=torch.nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device),
+                                            label_smoothing=cfg.label_smoothing, reduction="sum"),
         meta=meta, device=device, amp=dtype, channels_last=cfg.channels_last,
         grad_clip=cfg.grad_clip, scaler=scaler, ema=ema, dist=ctx,
+        class_weight=None if weight is None else weight.numpy().astype(np.float64),
     )
 
 
@@ -428,23 +431,26 @@ def run_epoch(engine: Engine, source: BatchSource, chunks: list[np.ndarray], *, 
     ctx = engine.dist
     labels_all = source.labels
     shards = [ctx.shard(c) for c in chunks]
-    total, seen = 0.0, 0
+    total = torch.zeros((), device=engine.device)  # float32: MPS has no float64
+    seen = 0
     start = time.perf_counter()
     bar = tqdm(total=sum(len(c) for c in chunks), desc=desc, unit="img", leave=False, file=sys.stderr,
                dynamic_ncols=True, mininterval=1.0, disable=not ctx.is_main)
     try:
-        for chunk, (images, labels) in zip(chunks, iterate(source, shards, num_workers, seed)):
+        for step, (chunk, (images, labels)) in enumerate(zip(chunks, iterate(source, shards, num_workers, seed))):
             share = engine.train_step(images, labels, engine.loss_denominator(labels_all[chunk]))
             if schedule is not None:
                 schedule.step_batch()
             total += share * len(chunk)
             seen += len(chunk)
-            elapsed = time.perf_counter() - start
             bar.update(len(chunk))
-            bar.set_postfix(loss=f"{total / seen:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.1f}", refresh=False)
+            if not bar.disable and step % 25 == 0:  # the loss read syncs the GPU: not every step
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f"{float(total) / seen:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.1f}",
+                                refresh=False)
     finally:
         bar.close()
-    total = ctx.sum(total, engine.device)
+    total = ctx.sum(float(total), engine.device)
     elapsed = time.perf_counter() - start
     return total / max(seen, 1), seen / max(elapsed, 1e-9)
 
