@@ -245,10 +245,16 @@ class TuneParams(Section):
     sampler_seed: int = 0
     n_startup_trials: int = Field(5, ge=0)  # random trials before TPE models the space
     pruner: Literal["wilcoxon", "median", "none"] = "wilcoxon"
-    # With 5 folds a one-sided Wilcoxon test cannot go below p=0.125 after 3 folds, so 0.1
-    # would never prune before fold 4; 0.2 lets a trial that lost every one of 3 folds stop.
-    pruner_p_threshold: float = Field(0.2, gt=0.0, lt=1.0)
-    pruner_startup_steps: int = Field(2, ge=1)
+    # The exact one-sided Wilcoxon p of a trial that lost all n folds to the best is 2**-n
+    # (0.25 after 2 folds, 0.125 after 3).  Above 0.25 a trial that lost its first 2 of 5
+    # folds stops there and saves 3; 0.2 could never prune before fold 3.  Every value in
+    # (0.25, 0.3125] makes the same decisions up to 4 folds: 0.3 is one of them.
+    pruner_p_threshold: float = Field(0.3, gt=0.0, lt=1.0)
+    pruner_startup_steps: int = Field(2, ge=1)  # folds before any pruning (Wilcoxon needs 2)
+    # Median pruner only: completed trials before it may prune.  The pruner's own count, not
+    # the sampler's n_startup_trials: 3 is the first count whose median is a middle value
+    # rather than one trial's or the mean of two.
+    pruner_startup_trials: int = Field(3, ge=1)
     objective: Literal["val_auc", "test_auc"] = "val_auc"
     epochs: Optional[int] = Field(None, ge=1)
     heartbeat_interval: float = Field(10.0, gt=0)

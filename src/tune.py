@@ -83,7 +83,10 @@ def make_pruner(params: Params):
     if cfg.pruner == "wilcoxon":
         return optuna.pruners.WilcoxonPruner(p_threshold=cfg.pruner_p_threshold, n_startup_steps=cfg.pruner_startup_steps)
     if cfg.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials, n_warmup_steps=cfg.pruner_startup_steps - 1)
+        # its own startup count: how many trials TPE samples at random says nothing about
+        # how many completed trials make a median worth pruning against
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
+                                           n_warmup_steps=cfg.pruner_startup_steps - 1)
     return optuna.pruners.NopPruner()
 
 
@@ -274,7 +277,8 @@ def run_trial(params: Params, study, trial, parent_id: str, store) -> float:
             scores.append(metrics[key])
             trial.report(metrics[key], step=fold)
             trial.set_user_attr("folds_trained", fold + 1)
-            if trial.should_prune():
+            # after the last fold there is nothing left to save: a complete value tells TPE more
+            if fold < store.n_folds - 1 and trial.should_prune():
                 state, value = "pruned", float(np.nanmean(scores))
                 raise optuna.TrialPruned(f"pruned after fold {fold}")
         state, value = "complete", float(np.nanmean(scores))

@@ -30,7 +30,7 @@ def store(tmp_path_factory):
 def tune_params(tmp_path, store, **tune_cfg):
     base = tiny_params(tmp_path, store, epochs=1)
     values = {"tune.out": str(tmp_path / "tune"), "tune.n_trials": 3, "tune.n_startup_trials": 1,
-              "tune.pruner": "median", "tune.pruner_startup_steps": 1,
+              "tune.pruner": "median", "tune.pruner_startup_steps": 1, "tune.pruner_startup_trials": 2,
               "tune.space": {"train.lr": {"type": "categorical", "choices": [0.01, 1.0e-9]}},
               "tune.heartbeat_interval": 0.5, "tune.grace_period": 3.0}
     values.update({f"tune.{k}": v for k, v in tune_cfg.items()})
@@ -103,6 +103,69 @@ def test_study_prunes_a_bad_trial_logs_mlflow_and_resumes(tmp_path, store):
     tune.run_worker(params2, url, target=tune.count_counted(study) + 1, deadline=None, parent_id=parent)
     assert len(tune.open_study(params, url).get_trials()) == 4
     assert tune.study_parent_run(params, url) == parent  # one parent run per study
+
+
+def add_complete(study, folds: list[float]) -> None:
+    """A finished trial with these per-fold scores (what the pruners compare against)."""
+    import optuna
+
+    study.add_trial(optuna.trial.create_trial(value=sum(folds) / len(folds),
+                                              intermediate_values=dict(enumerate(folds))))
+
+
+def prune_decisions(study, folds: list[float]) -> list[bool]:
+    """should_prune() after each fold of a new trial reporting these scores."""
+    trial = study.ask()
+    decisions = []
+    for fold, score in enumerate(folds):
+        trial.report(score, step=fold)
+        decisions.append(trial.should_prune())
+    return decisions
+
+
+def test_median_pruner_waits_for_its_own_startup_trials_not_the_samplers(tmp_path, store):
+    # TPE samples 10 trials at random; the pruner must still start after 3 completed trials
+    params = tune_params(tmp_path, store, pruner="median", n_startup_trials=10, pruner_startup_trials=3,
+                         pruner_startup_steps=1)
+    study = tune.open_study(params, tune.storage_url(params))
+    for _ in range(2):
+        add_complete(study, [0.9, 0.9, 0.9])
+    assert prune_decisions(study, [0.1, 0.1]) == [False, False]  # 2 completed: too few
+    add_complete(study, [0.9, 0.9, 0.9])
+    assert prune_decisions(study, [0.1]) == [True]  # the 3rd completed trial arms it
+
+
+def test_default_wilcoxon_stops_a_trial_that_lost_its_first_two_folds(tmp_path, store):
+    shipped = load_params(ROOT / "params.yaml").tune
+    assert shipped.pruner == "wilcoxon"
+    params = tune_params(tmp_path, store, pruner="wilcoxon", pruner_p_threshold=shipped.pruner_p_threshold,
+                         pruner_startup_steps=shipped.pruner_startup_steps)
+    study = tune.open_study(params, tune.storage_url(params))
+    add_complete(study, [0.8, 0.7, 0.9, 0.8, 0.75])
+    # 2 lost folds of 2: one-sided p = 0.25 < 0.3, so it stops with 3 of 5 folds saved
+    assert prune_decisions(study, [0.6, 0.5]) == [False, True]
+    # one fold lost, one won: no evidence, it goes on
+    assert prune_decisions(study, [0.6, 0.9, 0.7]) == [False, False, False]
+    # the old threshold 0.2 could not stop the same trial before its 3rd fold
+    strict = tune.open_study(with_values(params, {"tune.pruner_p_threshold": 0.2}), tune.storage_url(params))
+    assert prune_decisions(strict, [0.6, 0.5, 0.7]) == [False, False, True]
+
+
+def test_no_pruning_after_the_last_fold(tmp_path, store):
+    # the pruner may only speak after the last fold, when nothing is left to save: the bad
+    # trial must complete with all folds rather than be thrown away as pruned
+    n = store_folds(store)
+    params = tune_params(tmp_path, store, n_trials=2, pruner_startup_trials=1, pruner_startup_steps=n)
+    url = tune.storage_url(params)
+    study = tune.open_study(params, url)
+    for lr in (0.01, 1.0e-9):
+        study.enqueue_trial({"train.lr": lr})
+    tune.run_worker(params, url, target=2, deadline=None, parent_id=tune.study_parent_run(params, url))
+    study = tune.open_study(params, url)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert [t.user_attrs["folds_trained"] for t in trials] == [n, n]
+    assert tune.make_pruner(params).prune(study, trials[1])  # it would have been pruned
 
 
 def store_folds(store) -> int:
