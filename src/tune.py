@@ -480,6 +480,14 @@ def main(argv: list[str] | None = None) -> int:
               "the resulting CV estimate is optimistic", file=sys.stderr)
     if not params.tune.space:
         raise BoneHealthError("tune.space: empty; declare at least one parameter to search")
+    from src.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        raise BoneHealthError("src.tune under torchrun would run one study per rank: start it with python, "
+                              "and use --n-workers (or several machines on one --storage) for parallel trials")
+    if params.train.devices > 1 or params.train.fold_parallel > 1:
+        print("note: trials train each fold in one process; train.devices and train.fold_parallel apply to "
+              "src.train only (tune's parallelism is --n-workers)", file=sys.stderr)
     from src.store import PreparedStore
 
     study = open_study(params, url)

@@ -262,3 +262,16 @@ def test_apply_writes_best_params_into_params_file_keeping_comments(tmp_path, st
     assert "lr: 0.0123" in written
     assert "# bone-health: every setting lives here" in written  # comments survive
     assert load_params(path).train.lr == 0.0123
+
+
+def test_tune_refuses_torchrun_with_one_line(tmp_path, store, monkeypatch, capsys):
+    from src.cli import run_main
+
+    pfile = write_params_file(tmp_path, tune_params(tmp_path, store))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert run_main(tune.main, ["--params", str(pfile)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "src.tune under torchrun would run one study per rank" in err[0]
+    assert not (tmp_path / "tune").exists() or not any((tmp_path / "tune").iterdir())
