@@ -112,9 +112,21 @@ def wrap(model: torch.nn.Module, ctx: Dist, device: torch.device, sync_bn: bool)
     if not ctx.active:
         return model
     if sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = sync_batchnorm(model)
     device_ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Every BatchNorm as its synchronised variant, activations kept.
+
+    timm's converter, not torch's: timm EfficientNets use BatchNormAct2d (norm + activation in
+    one module), which torch's converter turns into a bare SyncBatchNorm that never calls the
+    activation it keeps as a child, silently removing the network's nonlinearities.
+    """
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -43,6 +43,7 @@ def _run(cmd: list[str], log: Path, timeout: float = 300) -> subprocess.Complete
     """Run a command in its own process group (killed as a group on timeout), output to `log`."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["OMP_NUM_THREADS"] = "1"
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the test's processes talk over loopback whatever the hostname resolves to
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -72,6 +73,27 @@ def test_global_batches_are_sharded_without_empty_shards():
     r0, r1 = Dist(rank=0, world=2), Dist(rank=1, world=2)
     assert sorted(np.concatenate([r0.shard(chunks[0]), r1.shard(chunks[0])])) == list(chunks[0])
     assert list(Dist().shard(chunks[0])) == list(chunks[0])
+
+
+def test_sync_batchnorm_keeps_timm_activations():
+    import timm
+
+    from src.distributed import sync_batchnorm
+
+    torch.manual_seed(0)
+    net = timm.create_model("test_efficientnet", num_classes=2, in_chans=1).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        expected = net(x)
+        ours = sync_batchnorm(net).eval()(x)
+        torch_converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(
+            timm.create_model("test_efficientnet", num_classes=2, in_chans=1)).eval()
+        torch_converted.load_state_dict(net.state_dict())
+        dropped = torch_converted(x)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in sync_batchnorm(net).modules())
+    torch.testing.assert_close(ours, expected)
+    # torch's own converter loses BatchNormAct2d's activation: the reason we use timm's.
+    assert not torch.allclose(dropped, expected, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- DDP
