@@ -39,14 +39,6 @@ def make_params(tmp: Path, mode: str = "full", store: Path | None = None, **regi
     return params_from_dict(raw)
 
 
-def write_params(params: Params, path: Path) -> str:
-    """The params as a YAML file, for the CLIs' --params."""
-    import yaml
-
-    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    return str(path)
-
-
 def prepare_section(mode: str = "full") -> dict:
     return {"out": "unused", "mode": mode, "full": {"downscale": None, "size": [32, 32]},
             "crop": {"side": 40, "reference_width": None, "size": 32}}

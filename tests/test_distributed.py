@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 
 from src.cli import run_main
@@ -27,16 +26,11 @@ from src.distributed import Dist
 from src.errors import BoneHealthError
 from src.train import CV_FILE, main as train_main, run_cv
 from src.trainer import batches_of
-from tests.train_helpers import make_tiny_store, tiny_params
+from tests.train_helpers import make_tiny_store, tiny_params, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 PROB_COLS = ["prob_C1", "prob_C3"]
 
-
-def _params_file(path: Path, params) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    return path
 
 
 def _run(cmd: list[str], log: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -106,7 +100,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
     cv_one = run_cv(single)
 
     double = tiny_params(tmp_path / "two", root, **common)
-    pfile = _params_file(tmp_path / "two" / "params.yaml", double)
+    pfile = write_params(double, tmp_path / "two" / "params.yaml")
     # train.devices=2 relaunches `python -m src.train` under torchrun by itself.
     done = _run([sys.executable, "-m", "src.train", "--params", str(pfile), "--set", "train.devices=2"],
                 tmp_path / "two.log")
@@ -132,7 +126,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
 def test_torchrun_with_batchnorm_logs_once_from_rank_zero(tmp_path):
     root = make_tiny_store(tmp_path / "s", n_per_class=8, folds=2)
     params = tiny_params(tmp_path, root, epochs=2, batch_size=6)
-    pfile = _params_file(tmp_path / "params.yaml", params)
+    pfile = write_params(params, tmp_path / "params.yaml")
     done = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                  "-m", "src.train", "--params", str(pfile)], tmp_path / "torchrun.log")
     assert done.returncode == 0, done.stdout[-3000:]
@@ -152,7 +146,7 @@ def test_torchrun_with_batchnorm_logs_once_from_rank_zero(tmp_path):
 
 def test_sync_bn_on_cpu_and_conflicting_settings_fail_with_one_line(tmp_path, capsys):
     root = make_tiny_store(tmp_path / "s", n_per_class=6, folds=2)
-    pfile = _params_file(tmp_path / "params.yaml", tiny_params(tmp_path, root))
+    pfile = write_params(tiny_params(tmp_path, root), tmp_path / "params.yaml")
     assert run_main(train_main, ["--params", str(pfile), "--set", "train.devices=2", "--set", "train.sync_bn=true"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: train.sync_bn:") and "CUDA only" in err[0]
@@ -214,7 +208,7 @@ def test_fold_parallel_parent_killed_workers_stop_and_rerun_resumes(tmp_path):
 
     root = make_tiny_store(tmp_path / "s", n_per_class=8, folds=2)
     params = tiny_params(tmp_path, root, epochs=40, fold_parallel=2)
-    pfile = _params_file(tmp_path / "params.yaml", params)
+    pfile = write_params(params, tmp_path / "params.yaml")
     state_file = Path(params.train.out) / "cv_state.json"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     log = open(tmp_path / "train.log", "w")

@@ -14,7 +14,7 @@ from src.cli import run_main
 from src.errors import DataError
 from src.evaluate import evaluate, main as evaluate_main
 from src.fileio import atomic_write_json
-from tests.train_helpers import make_tiny_store, tiny_params
+from tests.train_helpers import make_tiny_store, tiny_params, write_params
 
 
 @pytest.fixture(autouse=True)
@@ -125,10 +125,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(DataError, match="predicted by more than one fold"):
         evaluate(params)
     (out / "cv.json").unlink()
-    pfile = tmp_path / "params.yaml"
-    import yaml
-
-    pfile.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    pfile = write_params(params, tmp_path / "params.yaml")
     capsys.readouterr()  # drop MLflow's set-up chatter from fake_cv
     assert run_main(evaluate_main, ["--params", str(pfile)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -22,6 +22,7 @@ from src.models import create_model, load_checkpoint, predict_proba
 from src.store import PreparedStore
 from tests.gradcam_helpers import (CLASSES, CROP, SIZE, SRC_H, SRC_W, TINY_MODEL, cam_params, make_cam_inputs,
                                    make_parent_run)
+from tests.train_helpers import write_params
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -272,7 +273,7 @@ def test_stage_writes_and_logs_overlays_and_metrics(inputs, tmp_path):
 
     params = cam_params(tmp_path, inputs, per_class=2, road_percentiles=[50])
     run_id = make_parent_run(params, inputs["models"])
-    assert main(["--params", _params_file(tmp_path, params)]) == 0
+    assert main(["--params", write_params(params, tmp_path / "params.yaml")]) == 0
     out = Path(params.gradcam.out) / "images"
     metrics = json.loads((out.parent / "metrics.json").read_text())
     table = pd.read_csv(out / "images.csv")
@@ -329,7 +330,7 @@ def test_stage_errors_name_the_file(inputs, tmp_path, capsys):
 
     cv = json.loads((inputs["models"] / "cv.json").read_text())
     (inputs["models"] / "cv.json").write_text(json.dumps({**cv, "parent_run_id": "0" * 32}))
-    assert run_main(main, ["--params", _params_file(tmp_path, cam_params(tmp_path, inputs))]) == 2
+    assert run_main(main, ["--params", write_params(cam_params(tmp_path, inputs), tmp_path / "params.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and f"parent run {'0' * 32} not found" in err
 
@@ -341,7 +342,7 @@ def test_single_image_mode_from_a_file_a_folder_and_a_run_uri(inputs, tmp_path, 
     from src.tracking import configure
 
     params = cam_params(tmp_path, inputs)
-    pfile = _params_file(tmp_path, params)
+    pfile = write_params(params, tmp_path / "params.yaml")
     image = inputs["images"] / "C3" / "P1000_v1.png"
     store = PreparedStore.open(inputs["store"])
     rec = store.manifest.loc[store.manifest["file"] == "C3/P1000_v1.png"].iloc[0]
@@ -395,10 +396,3 @@ def test_save_overlay_writes_a_png(tmp_path):
         assert img.format == "PNG"
     assert not list((tmp_path / "sub").glob(".*tmp*"))  # no temporary left behind
 
-
-def _params_file(tmp_path: Path, params) -> str:
-    import yaml
-
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    return str(path)

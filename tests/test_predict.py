@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from registry_helpers import (expected_probs, make_params, make_pipeline_outputs, radiograph, write_dicom,
-                              write_params, write_png)
+                              write_png)
 from src.cli import run_main
 from src.imaging import read_image
 from src.predict import main as predict_main
 from src.register import register
 from src.tracking import configure
+from tests.train_helpers import write_params
 
 
 @pytest.fixture(scope="module")

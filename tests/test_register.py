@@ -12,13 +12,14 @@ import pytest
 from mlflow import MlflowClient
 
 from registry_helpers import (expected_probs, make_params, make_pipeline_outputs, radiograph,
-                              write_metrics, write_params, write_png)
+                              write_metrics, write_png)
 from src.errors import BoneHealthError
 from src.imaging import read_image
 from src.promote import main as promote_main
 from src.promote import promote, rollback
 from src.register import register, store_info
 from src.tracking import configure
+from tests.train_helpers import write_params
 
 
 def b64(path: Path) -> str:

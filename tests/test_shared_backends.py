@@ -8,14 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from src import tune
 from src.config import with_values
 from tests.servers import mlflow_server, postgres_server
-from tests.train_helpers import make_tiny_store, tiny_params
+from tests.train_helpers import make_tiny_store, tiny_params, write_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,18 +24,13 @@ def store(tmp_path_factory):
     return make_tiny_store(tmp_path_factory.mktemp("store"), n_per_class=8, size=32, folds=2)
 
 
-def write_params(tmp_path: Path, params) -> Path:
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-    return path
-
 
 def test_two_tune_workers_on_postgresql_add_up(tmp_path, store):
     with postgres_server() as url:
         params = with_values(tiny_params(tmp_path, store, epochs=1), {
             "tune.out": str(tmp_path / "tune"), "tune.pruner": "none", "tune.n_startup_trials": 1,
             "tune.space": {"train.lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True}}})
-        path = write_params(tmp_path, params)
+        path = write_params(params, tmp_path / "params.yaml")
         for n_workers, n_trials in ((2, 3), (1, 1)):  # two workers, then a rerun adding one trial
             out = subprocess.run(
                 [sys.executable, "-m", "src.tune", "--params", str(path), "--storage", url,
@@ -56,7 +50,7 @@ def test_cv_run_is_logged_through_a_real_mlflow_server(tmp_path, store):
     (tmp_path / "server").mkdir()
     with mlflow_server(backend, tmp_path / "server" / "artifacts") as url:
         params = tiny_params(tmp_path, store, epochs=1)
-        path = write_params(tmp_path, params)
+        path = write_params(params, tmp_path / "params.yaml")
         env = {**os.environ, "MLFLOW_TRACKING_URI": url}
         out = subprocess.run([sys.executable, "-m", "src.train", "--params", str(path)], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=600)

@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from src.augment import augment_batch, build_augment
 from src.cli import run_main
@@ -23,7 +22,7 @@ from src.models import load_checkpoint, predict_proba
 from src.store import PreparedStore
 from src.train import CV_FILE, STATE_FILE, main as train_main, run_cv
 from src.trainer import fold_split, select_device, train_all, train_fold
-from tests.train_helpers import make_tiny_store, tiny_params
+from tests.train_helpers import make_tiny_store, tiny_params, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_METRICS = ("train_loss", "val_loss", "val_auc", "lr", "images_per_s")
@@ -34,11 +33,6 @@ def _own_tracking(monkeypatch):
     # Each test tracks into its own SQLite file from tiny_params, never a shared server.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
-
-def _params_file(tmp_path: Path, params) -> Path:
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    return path
 
 
 # ----------------------------------------------------------------------------- splits
@@ -165,7 +159,7 @@ def test_device_selection():
 
 def test_cli_rejects_fold_count_mismatch(tmp_path, capsys):
     root = make_tiny_store(tmp_path / "s", n_per_class=6, folds=2)
-    pfile = _params_file(tmp_path, tiny_params(tmp_path, root))
+    pfile = write_params(tiny_params(tmp_path, root), tmp_path / "params.yaml")
     assert run_main(train_main, ["--params", str(pfile), "--set", "train.folds=4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.folds: 4" in err[0] and "has 2 folds" in err[0]
@@ -225,7 +219,7 @@ def test_resume_after_kill_mid_fold(tmp_path):
     # Two folds: the kill lands in fold 1, so the rerun trains one fold and reuses fold 0.
     root = make_tiny_store(tmp_path / "s", n_per_class=8, folds=2)
     params = tiny_params(tmp_path, root, epochs=5)
-    pfile = _params_file(tmp_path, params)
+    pfile = write_params(params, tmp_path / "params.yaml")
     out = Path(params.train.out)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     log = open(tmp_path / "train.log", "w")

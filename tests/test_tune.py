@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from src import tune
 from src.config import load_params, params_from_dict, with_values
 from tests.servers import stop_group
-from tests.train_helpers import make_tiny_store, tiny_params
+from tests.train_helpers import make_tiny_store, tiny_params, write_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,11 +36,6 @@ def tune_params(tmp_path, store, **tune_cfg):
     values.update({f"tune.{k}": v for k, v in tune_cfg.items()})
     return with_values(base, values)
 
-
-def write_params_file(tmp_path, params) -> Path:
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-    return path
 
 
 def child_runs(params, parent_id):
@@ -197,7 +192,7 @@ def run_cli(args, cwd=ROOT, env=None, **kw):
 def test_two_workers_share_a_journal_and_run_exactly_n_trials(tmp_path, store):
     params = tune_params(tmp_path, store, pruner="none",
                          space={"train.lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True}})
-    path = write_params_file(tmp_path, params)
+    path = write_params(params, tmp_path / "params.yaml")
     proc = run_cli(["--params", str(path), "--n-trials", "4", "--n-workers", "2"],
                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = proc.communicate(timeout=600)
@@ -216,7 +211,7 @@ def test_killed_worker_trial_is_retried_not_lost(tmp_path, store):
     params = tune_params(tmp_path, store, pruner="none", heartbeat_interval=0.5, grace_period=4.0,
                          space={"train.lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True}})
     params = with_values(params, {"train.epochs": 30})  # long enough to be killed mid-trial
-    path = write_params_file(tmp_path, params)
+    path = write_params(params, tmp_path / "params.yaml")
     proc = run_cli(["--params", str(path), "--n-trials", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = tune.storage_url(params)
     deadline = time.time() + 300
@@ -233,7 +228,7 @@ def test_killed_worker_trial_is_retried_not_lost(tmp_path, store):
     time.sleep(params.tune.grace_period + 1)
 
     quick = with_values(params, {"train.epochs": 1})
-    path = write_params_file(tmp_path, quick)
+    path = write_params(quick, tmp_path / "params.yaml")
     proc = run_cli(["--params", str(path), "--n-trials", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                    text=True)
     out, _ = proc.communicate(timeout=600)
@@ -267,7 +262,7 @@ def test_apply_writes_best_params_into_params_file_keeping_comments(tmp_path, st
 def test_tune_refuses_torchrun_with_one_line(tmp_path, store, monkeypatch, capsys):
     from src.cli import run_main
 
-    pfile = write_params_file(tmp_path, tune_params(tmp_path, store))
+    pfile = write_params(tune_params(tmp_path, store), tmp_path / "params.yaml")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")

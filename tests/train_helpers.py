@@ -81,6 +81,16 @@ def make_tiny_store(
     return root
 
 
+def write_params(params: Params, path: str | Path) -> str:
+    """The params as a YAML file for the CLIs' --params (and subprocesses); returns its path."""
+    import yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    return str(path)
+
+
 def tiny_params(tmp_path: str | Path, store: str | Path, **train: Any) -> Params:
     """Params for a fast CPU run of the tiny model on `store`, everything under tmp_path."""
     tmp_path = Path(tmp_path)
