@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from src import tune  # noqa: E402
-from src.config import Params, load_params, with_values  # noqa: E402
+from src.cli import run_main  # noqa: E402
+from src.config import Params, apply_overrides, load_params, params_from_dict, with_values  # noqa: E402
 from src.phantom import generate  # noqa: E402
 from src.prepare import prepare  # noqa: E402
 
@@ -49,19 +50,8 @@ def bench_params(args: argparse.Namespace, tmp: Path) -> Params:
         "tune.n_trials": args.trials, "tune.sampler_seed": args.seed, "tune.epochs": None,
         "tune.storage": None, "tune.n_workers": 1,
     }, source="benchmark")
-    return load_overrides(small, args.overrides)
-
-
-def load_overrides(params: Params, overrides: list[str]) -> Params:
-    import yaml
-
-    values = {}
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected section.key=value")
-        values[key.strip()] = yaml.safe_load(text)
-    return with_values(params, values, source="--set") if values else params
+    # --set goes last, through the stages' own parser, so it overrides the benchmark's values too
+    return params_from_dict(apply_overrides(small.model_dump(mode="json"), args.overrides), source="--set")
 
 
 def run_study(base: Params, pruner: str, tmp: Path, trials: int) -> dict:
@@ -134,4 +124,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(lambda _argv: main()))  # a bad --set: one line, exit 2

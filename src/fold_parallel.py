@@ -59,7 +59,7 @@ def _worker(params_json: dict, device: str, inbox, events) -> None:
     def relay(fold: int, epoch: int, record: dict) -> None:
         if orphaned():
             raise SystemExit(f"fold {fold}: the parent process is gone")
-        events.put(("epoch", fold, epoch, record))
+        events.put(("epoch", fold, (epoch, record)))
 
     while True:
         try:
@@ -100,7 +100,7 @@ def train_folds_in_parallel(params: Params, folds: list[int], out: Path, device:
     workers = [ctx.Process(target=_worker, args=(wparams, devices[i], inboxes[i], events), daemon=True,
                            name=f"fold-worker-{i}") for i in range(n)]
     todo = list(folds)
-    busy: dict[int, int] = {}  # worker -> fold
+    busy: dict[int, int] = {}  # fold -> its worker
     print(f"train.fold_parallel={n}: folds {folds} on {', '.join(devices)} "
           f"({wparams['train']['threads']} thread(s) each)", file=sys.stderr, flush=True)
     try:
@@ -110,24 +110,23 @@ def train_folds_in_parallel(params: Params, folds: list[int], out: Path, device:
         def hand_out(i: int) -> None:
             k = todo.pop(0)
             inboxes[i].put((k, str(out / f"fold_{k}"), start(k)))
-            busy[i] = k
+            busy[k] = i
 
         for i in range(n):
             hand_out(i)
         while busy:
             try:
-                kind, k, payload = _unpack(events.get(timeout=_POLL_S))
+                kind, k, payload = events.get(timeout=_POLL_S)  # payload: (epoch, record), error or result
             except queue.Empty:
-                dead = [(i, k) for i, k in busy.items() if not workers[i].is_alive()]
+                dead = [(k, i) for k, i in busy.items() if not workers[i].is_alive()]
                 if dead:
-                    i, k = dead[0]
+                    k, i = dead[0]
                     raise BoneHealthError(f"fold {k}: its worker process died (exit code {workers[i].exitcode})")
                 continue
             if kind == "epoch":
                 epoch(k, payload[0], payload[1])
                 continue
-            i = next(i for i, f in busy.items() if f == k)
-            del busy[i]
+            i = busy.pop(k)
             if kind == "error":
                 is_ours, one_line, tb = payload
                 if not is_ours:
@@ -145,10 +144,3 @@ def train_folds_in_parallel(params: Params, folds: list[int], out: Path, device:
             if w.is_alive():
                 w.terminate()
                 w.join()
-
-
-def _unpack(event: tuple) -> tuple[str, int, Any]:
-    """(kind, fold, payload): epoch events carry (epoch, record)."""
-    if event[0] == "epoch":
-        return "epoch", event[1], (event[2], event[3])
-    return event[0], event[1], event[2]

@@ -95,19 +95,25 @@ def _fold_complete(fold_dir: Path) -> bool:
     return all((fold_dir / name).is_file() for name in (CHECKPOINT_FILE, META_FILE, PREDICTIONS_FILE))
 
 
-def _mark_killed(client, run_id: str | None) -> bool:
-    """KILLED for a run a dead process left RUNNING; finished/failed runs stay as they are."""
+def _end_if_running(client, run_id: str | None, status: str, tags: dict[str, str] | None = None) -> bool:
+    """End a run still RUNNING with `status`; finished/failed runs stay as they are."""
     if not run_id:
         return False
     try:
         run = client.get_run(run_id)
     except Exception:  # deleted, or another tracking store
         return False
-    if run.info.status == "RUNNING":
-        client.set_tag(run_id, "bone_health.interrupted", "true")
-        client.set_terminated(run_id, status="KILLED")
-        return True
-    return False
+    if run.info.status != "RUNNING":
+        return False
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status=status)
+    return True
+
+
+def _mark_killed(client, run_id: str | None) -> bool:
+    """KILLED for a run a dead process left RUNNING."""
+    return _end_if_running(client, run_id, "KILLED", {"bone_health.interrupted": "true"})
 
 
 def _kill_orphans(client, experiment_id: str, parent_id: str) -> list[str]:
@@ -190,15 +196,10 @@ class FoldRun:
         self.client.set_terminated(self.run_id, status="FINISHED")
 
     def fail(self) -> None:
-        _mark_failed(self.client, self.run_id)
-
-
-def _mark_failed(client, run_id: str) -> None:
-    try:
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, status="FAILED")
-    except Exception:  # noqa: BLE001 - the original error matters more than this bookkeeping
-        pass
+        try:
+            _end_if_running(self.client, self.run_id, "FAILED")
+        except Exception:  # noqa: BLE001 - the original error matters more than this bookkeeping
+            pass
 
 
 def _running_run_ids(state: dict) -> list[str]:
