@@ -34,14 +34,25 @@ from src.trainer import (BatchSource, amp_dtype, autocast_context, batches_of, b
                          checkpoint_meta, run_epoch, select_device)
 
 
-def synthetic_store(root: Path, n: int, size: int, classes=("C1", "C3")) -> PreparedStore:
+def synthetic_shape(params) -> tuple[str, int, int]:
+    """(mode, h, w) the prepare stage would write: a square crop, or a whole image at
+    prepare.full.size (a 3x downscale has no fixed size without images, so it falls back to a crop)."""
+    full = params.prepare.full
+    if params.prepare.mode == "full" and full.size is not None:
+        return "full", int(full.size[0]), int(full.size[1])
+    s = params.train.image_size or params.prepare.crop.size
+    return "crop", int(s), int(s)
+
+
+def synthetic_store(root: Path, n: int, shape: tuple[str, int, int], classes=("C1", "C3")) -> PreparedStore:
+    mode, h, w = shape
     rng = np.random.default_rng(0)
-    np.save(root / "images.npy", rng.integers(0, 256, (n, size, size), dtype=np.uint8))
+    np.save(root / "images.npy", rng.integers(0, 256, (n, h, w), dtype=np.uint8))
     labels = np.arange(n) % len(classes)
     pd.DataFrame({"index": np.arange(n), "file": [f"{i}.png" for i in range(n)],
                   "class": np.asarray(classes)[labels], "label": labels,
                   "patient": [f"P{i}" for i in range(n)], "fold": np.arange(n) % 5}).to_csv(root / "manifest.csv", index=False)
-    (root / "meta.json").write_text(json.dumps({"mode": "crop", "size": [size, size], "dtype": "uint8",
+    (root / "meta.json").write_text(json.dumps({"mode": mode, "size": [h, w], "dtype": "uint8",
                                                 "classes": list(classes), "positive_class": classes[-1], "folds": 5}))
     return PreparedStore.open(root)
 
@@ -93,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory()
     store_dir = Path(args.store or params.prepare.out)
     if args.synthetic or not (store_dir / "meta.json").is_file():
-        size = cfg.image_size or params.prepare.crop.size
-        store = synthetic_store(Path(tmp.name), max(64, cfg.batch_size * (args.batches + 2)), size)
-        origin = f"synthetic {size}x{size} uint8"
+        shape = synthetic_shape(params)
+        store = synthetic_store(Path(tmp.name), max(64, cfg.batch_size * (args.batches + 2)), shape)
+        origin = f"synthetic {shape[0]} {shape[1]}x{shape[2]} uint8"
     else:
         store = PreparedStore.open(store_dir)
         origin = str(store_dir)
@@ -115,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, len(store.classes), (cfg.batch_size,), device=device)
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     # Warm-up: first calls allocate, pick kernels and fault in the memmap.
     trainer_rate(engine, source, chunks[:2], cfg.num_workers)
     bare_rate(engine, x, y, 2)
@@ -139,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trainer: {t:.1f} img/s")
     print(f"bare:    {b:.1f} img/s")
     print(f"ratio:   {ratio:.3f}  (median of per-round ratios; target >= 0.90)")
+    if device.type == "cuda":
+        # What a GPU must hold to train this profile: weights, optimiser state, activations, EMA.
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
+              f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved by the caching allocator")
     tmp.cleanup()
     return 0
 

@@ -4,8 +4,12 @@
 # 1. the CUDA path of the tests (tests/test_cuda.py; skipped on machines without CUDA),
 # 2. single-GPU AMP throughput of efficientnet_b0 at 224 and efficientnet_b5 at 456, each as
 #    trainer img/s next to a bare forward/backward/step loop in the same run (benchmarks/bench_train.py),
-# 3. DDP (NCCL) scaling against one process when two or more GPUs are visible.
-# Synthetic stores (random uint8 images) keep it independent of any dataset; nothing is downloaded.
+#    then the two lab profiles (params/gpu-lab-*.yaml) at their own model, size and batch, with peak
+#    GPU memory,
+# 3. DDP (NCCL) scaling against one process when two or more GPUs are visible,
+# 4. when data/prepared holds the prepared phantom, the default 5-fold train + evaluate on the GPU,
+#    written to a temporary folder (models/, reports/ and mlruns/ of the checkout are not touched).
+# Steps 1-3 use synthetic stores (random uint8 images), so they need no dataset; nothing is downloaded.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-gpu_check_out}}
@@ -16,8 +20,11 @@ status=0
 run() {  # name, command...: output to the terminal and $OUT/name.log; failures are counted, not fatal
   local name=$1; shift
   echo "== $name: $*" | tee "$OUT/$name.log"
-  "$@" 2>&1 | tee -a "$OUT/$name.log" | grep -v "it/s\]\|img/s\]" || true
-  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "!! $name failed" | tee -a "$OUT/$name.log"; status=1; }
+  # tqdm redraws with carriage returns: split them into lines first, or a progress bar and the
+  # epoch line printed after it are one "line" and the filter drops both.
+  "$@" 2>&1 | tr '\r' '\n' | tee -a "$OUT/$name.log" | grep -v "it/s\]\|img/s\]\|^ *$"
+  local rc=${PIPESTATUS[0]}  # the command's own status, read before anything else resets it
+  [ "$rc" -eq 0 ] || { echo "!! $name failed (exit $rc)" | tee -a "$OUT/$name.log"; status=1; }
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'bf16', torch.cuda.is_bf16_supported())" | tee -a "$OUT/gpu.txt"
@@ -29,12 +36,28 @@ run bench_b0_224 $PY benchmarks/bench_train.py "${COMMON[@]}" --set train.model=
     --set train.image_size=224 --set prepare.crop.size=224 --set train.batch_size=64
 run bench_b5_456 $PY benchmarks/bench_train.py "${COMMON[@]}" --set train.model=efficientnet_b5 \
     --set train.image_size=456 --set prepare.crop.size=456 --set train.batch_size=16
+for profile in crop full; do
+  run bench_lab_$profile $PY benchmarks/bench_train.py --synthetic --rounds 3 --batches 20 \
+      --params params/gpu-lab-$profile.yaml --set train.device=cuda
+done
 NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
 if [ "$NGPU" -ge 2 ]; then
   run bench_ddp_b0_224 $PY benchmarks/bench_ddp.py --nproc "$NGPU" --size 224 --batches 20 --rounds 3 \
       --set train.model=efficientnet_b0 --set train.batch_size=$((64 * NGPU)) --set train.device=cuda
 else
   echo "one GPU visible: DDP scaling not measured" | tee "$OUT/bench_ddp.log"
+fi
+if [ -f data/prepared/meta.json ]; then
+  WORK=$(mktemp -d)
+  LOCAL=(--set train.out=$WORK/models --set evaluate.out=$WORK/reports
+         --set mlflow.tracking_uri=sqlite:///$WORK/mlflow.db --set mlflow.artifact_root=$WORK/artifacts)
+  start=$(date +%s)
+  run train_default $PY -m src.train "${LOCAL[@]}"
+  echo "train wall time: $(( $(date +%s) - start )) s" | tee -a "$OUT/train_default.log"
+  run evaluate_default $PY -m src.evaluate "${LOCAL[@]}"
+  cp "$WORK/reports/metrics.json" "$OUT/metrics_default.json" 2>/dev/null || true
+else
+  echo "no data/prepared: default train on the GPU not run" | tee "$OUT/train_default.log"
 fi
 echo "gpu_check: exit status $status (logs in $OUT)"
 exit $status

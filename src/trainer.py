@@ -34,7 +34,7 @@ from src.distributed import Dist, unwrap, wrap
 from src.errors import BoneHealthError, DataError
 from src.fileio import atomic_path
 from src.metrics import auc_score
-from src.models import DEFAULT_NORMALIZATION, create_model, save_checkpoint, to_input
+from src.models import DEFAULT_NORMALIZATION, create_model, host_to_device, save_checkpoint, to_input
 from src.store import PreparedStore
 
 PREDICTIONS_FILE = "test_predictions.csv"
@@ -340,7 +340,7 @@ class Engine:
         global batch's mean loss (the shares of all processes add up to it) as a 0-d tensor
         on the device: reading it is a GPU sync, so callers do that once in a while."""
         x = self.to_tensor(images)
-        y = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(self.device)
+        y = host_to_device(np.asarray(labels, dtype=np.int64), self.device)
         denom = denominator if denominator is not None else self.loss_denominator(labels)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast_context(self.device, self.amp):
