@@ -255,6 +255,11 @@ class TuneParams(Section):
     # the sampler's n_startup_trials: 3 is the first count whose median is a middle value
     # rather than one trial's or the mean of two.
     pruner_startup_trials: int = Field(3, ge=1)
+    # Each trial trains its folds in its own seeded order (Optuna's advice for the Wilcoxon
+    # pruner): otherwise every trial is judged on the same first folds, and a pair of easy or
+    # tied folds there decides the pruning of all of them.  Fold k stays fold k (step = fold).
+    # Wilcoxon and none only: the median pruner reads steps as progress and keeps 0..K-1.
+    shuffle_folds: bool = True
     objective: Literal["val_auc", "test_auc"] = "val_auc"
     epochs: Optional[int] = Field(None, ge=1)
     heartbeat_interval: float = Field(10.0, gt=0)

@@ -81,7 +81,10 @@ def make_pruner(params: Params):
 
     cfg = params.tune
     if cfg.pruner == "wilcoxon":
-        return optuna.pruners.WilcoxonPruner(p_threshold=cfg.pruner_p_threshold, n_startup_steps=cfg.pruner_startup_steps)
+        with warnings.catch_warnings():  # "experimental since 3.6": known, and pinned in constraints.txt
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner(p_threshold=cfg.pruner_p_threshold,
+                                                 n_startup_steps=cfg.pruner_startup_steps)
     if cfg.pruner == "median":
         # its own startup count: how many trials TPE samples at random says nothing about
         # how many completed trials make a median worth pruning against
@@ -256,6 +259,17 @@ def fold_objective(params: Params, result) -> dict[str, float]:
     return {"fold_val_auc": float(result.best_val_auc), "fold_test_auc": float(test_auc)}
 
 
+def fold_order(params: Params, trial_number: int, n_folds: int) -> list[int]:
+    """The order one trial trains its folds in: 0..K-1, or a permutation seeded by the
+    sampler seed and the trial number (reproducible, different for every trial).  The median
+    pruner keeps 0..K-1: it reads a step as progress (its warm-up counts steps, it compares a
+    trial's best step so far with the others at the last step), not as a fold to pair."""
+    if not params.tune.shuffle_folds or params.tune.pruner == "median":
+        return list(range(n_folds))
+    rng = np.random.default_rng([params.tune.sampler_seed, trial_number])
+    return [int(k) for k in rng.permutation(n_folds)]
+
+
 def run_trial(params: Params, study, trial, parent_id: str, store) -> float:
     """Train the K folds of one trial, reporting after each fold so the pruner can stop it."""
     import optuna
@@ -267,18 +281,20 @@ def run_trial(params: Params, study, trial, parent_id: str, store) -> float:
     run = TrialRun(params, parent_id, trial, values)
     key = "fold_test_auc" if params.tune.objective == "test_auc" else "fold_val_auc"
     trial_dir = Path(params.tune.out) / "trials" / params.tune.study_name / f"{trial.number:05d}"
+    order = fold_order(params, trial.number, store.n_folds)
+    trial.set_user_attr("fold_order", order)
     scores: list[float] = []
     state, value = "failed", None
     try:
-        for fold in range(store.n_folds):
+        for done, fold in enumerate(order, start=1):
             result = train_fold(tparams, store, fold, trial_dir / f"fold_{fold}")
             metrics = fold_objective(tparams, result)
             run.log_fold(fold, metrics)
             scores.append(metrics[key])
-            trial.report(metrics[key], step=fold)
-            trial.set_user_attr("folds_trained", fold + 1)
+            trial.report(metrics[key], step=fold)  # step = fold id: the pruner pairs folds across trials
+            trial.set_user_attr("folds_trained", done)
             # after the last fold there is nothing left to save: a complete value tells TPE more
-            if fold < store.n_folds - 1 and trial.should_prune():
+            if done < store.n_folds and trial.should_prune():
                 state, value = "pruned", float(np.nanmean(scores))
                 raise optuna.TrialPruned(f"pruned after fold {fold}")
         state, value = "complete", float(np.nanmean(scores))

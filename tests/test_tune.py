@@ -71,6 +71,9 @@ def test_study_prunes_a_bad_trial_logs_mlflow_and_resumes(tmp_path, store):
     assert trials[2].user_attrs["folds_trained"] < store_folds(store)
     assert trials[0].user_attrs["folds_trained"] == store_folds(store)
     assert sorted(trials[0].intermediate_values) == list(range(store_folds(store)))  # step = fold
+    for t in trials:  # each trial reported exactly the folds it trained, in its own order
+        trained = t.user_attrs["fold_order"][:t.user_attrs["folds_trained"]]
+        assert sorted(trained) == sorted(t.intermediate_values)
 
     out = tune.write_outputs(params, study, parent)
     fragment = yaml.safe_load(out.read_text())
@@ -98,6 +101,20 @@ def test_study_prunes_a_bad_trial_logs_mlflow_and_resumes(tmp_path, store):
     tune.run_worker(params2, url, target=tune.count_counted(study) + 1, deadline=None, parent_id=parent)
     assert len(tune.open_study(params, url).get_trials()) == 4
     assert tune.study_parent_run(params, url) == parent  # one parent run per study
+
+
+def test_each_trial_trains_its_folds_in_its_own_reproducible_order(tmp_path, store):
+    assert load_params(ROOT / "params.yaml").tune.shuffle_folds  # shipped on
+    params = tune_params(tmp_path, store, pruner="wilcoxon")
+    orders = [tune.fold_order(params, n, 5) for n in range(8)]
+    assert all(sorted(order) == list(range(5)) for order in orders)
+    assert len({tuple(order) for order in orders}) > 1  # not one order for every trial
+    assert orders == [tune.fold_order(params, n, 5) for n in range(8)]  # reproducible from the seed
+    other_seed = with_values(params, {"tune.sampler_seed": 1})
+    assert [tune.fold_order(other_seed, n, 5) for n in range(8)] != orders
+    assert tune.fold_order(with_values(params, {"tune.shuffle_folds": False}), 3, 5) == [0, 1, 2, 3, 4]
+    # the median pruner reads steps as progress: folds in order whatever shuffle_folds says
+    assert tune.fold_order(with_values(params, {"tune.pruner": "median"}), 3, 5) == [0, 1, 2, 3, 4]
 
 
 def add_complete(study, folds: list[float]) -> None:
