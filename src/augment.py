@@ -10,7 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-import src  # noqa: F401  (sets NO_ALBUMENTATIONS_UPDATE before albumentations is imported)
+import src  # noqa: F401  (imported for its side effect: it sets NO_ALBUMENTATIONS_UPDATE first)
 from src.config import AugmentParams
 
 # Reflect instead of a black fill: black corners would be a shortcut the network could learn.

@@ -363,7 +363,7 @@ def _draw_skull(atten: np.ndarray, rng, p: Patient, g: _Grid) -> None:
 
 def _draw_mandible(atten: np.ndarray, rng, p: Patient, g: _Grid):
     """Bone, cortex (the class signal), canal and foramina; returns (mask, border rows, foramen columns)."""
-    f, u, v = g.f, g.u, g.v
+    f, u = g.f, g.u
     mm = f.mm_per_px
     full_px, ext_px = _outline(p, f)
     y0, y1 = max(0, int(full_px[:, 1].min()) - 2), min(f.height, int(full_px[:, 1].max()) + 3)
@@ -374,7 +374,7 @@ def _draw_mandible(atten: np.ndarray, rng, p: Patient, g: _Grid):
     inside = (jaw > 0).astype(np.float32)
     # distance (mm) into the bone from the inferior/posterior border, and from any border
     depth_low = cv2.distanceTransform(lower, cv2.DIST_L2, cv2.DIST_MASK_PRECISE) * mm
-    uu, vv = u[x0:x1], v[y0:y1]
+    uu = u[x0:x1]
     ys = np.arange(y0, y1, dtype=np.float32)[:, None]
 
     # cancellous bone: a network of trabeculae (zero-crossings of band-pass noise) over coarser

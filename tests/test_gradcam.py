@@ -20,7 +20,7 @@ from src.gradcam import (load_fold_model, main, mask_for, out_of_fold_model, run
                          select_images)
 from src.models import create_model, load_checkpoint, predict_proba
 from src.store import PreparedStore
-from tests.gradcam_helpers import (CLASSES, CROP, SIZE, SRC_H, SRC_W, TINY_MODEL, cam_params, make_cam_inputs,
+from tests.gradcam_helpers import (CLASSES, SIZE, SRC_H, SRC_W, TINY_MODEL, cam_params, make_cam_inputs,
                                    make_parent_run)
 from tests.train_helpers import write_params
 

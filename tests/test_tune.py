@@ -16,7 +16,6 @@ from optuna.trial import TrialState
 
 from src import tune
 from src.config import load_params, params_from_dict, with_values
-from tests.servers import stop_group
 from tests.train_helpers import make_tiny_store, tiny_params, write_params
 
 ROOT = Path(__file__).resolve().parents[1]
