@@ -94,6 +94,7 @@ def replay(base: Params, pruner: str, trials: list, orders: list[list[int]]) -> 
     folds = 0
     for frozen, order in zip(trials, orders):
         trial = study.ask()
+        trial.set_user_attr("fold_order", [int(k) for k in order])  # as run_trial does
         for done, fold in enumerate(order, start=1):
             trial.report(frozen.intermediate_values[fold], step=fold)
             folds += 1
@@ -156,7 +157,7 @@ def main() -> int:
               f"{base.train.folds} folds, {2 * args.patients} patients, train.threads={base.train.threads}\n"
               f"sampler n_startup_trials={cfg.n_startup_trials}; pruner_p_threshold={cfg.pruner_p_threshold} "
               f"pruner_startup_steps={cfg.pruner_startup_steps} pruner_startup_trials={cfg.pruner_startup_trials} "
-              f"shuffle_folds={cfg.shuffle_folds}\n"
+              f"shuffle_folds={cfg.shuffle_folds} prune_unreachable={cfg.prune_unreachable}\n"
               f"space: {', '.join(cfg.space)}", flush=True)
         generate(base.phantom)
         prepare(base)

@@ -255,6 +255,9 @@ class TuneParams(Section):
     # the sampler's n_startup_trials: 3 is the first count whose median is a middle value
     # rather than one trial's or the mean of two.
     pruner_startup_trials: int = Field(3, ge=1)
+    # Also stop a trial that can no longer beat the best completed trial's mean even if every
+    # fold left scored the maximum AUC (1.0).  Exact: it never stops a possible winner.
+    prune_unreachable: bool = True
     # Each trial trains its folds in its own seeded order (Optuna's advice for the Wilcoxon
     # pruner): otherwise every trial is judged on the same first folds, and a pair of easy or
     # tied folds there decides the pruning of all of them.  Fold k stays fold k (step = fold).

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -124,9 +125,12 @@ def add_complete(study, folds: list[float]) -> None:
                                               intermediate_values=dict(enumerate(folds))))
 
 
-def prune_decisions(study, folds: list[float]) -> list[bool]:
-    """should_prune() after each fold of a new trial reporting these scores."""
+def prune_decisions(study, folds: list[float], n_folds: int | None = None) -> list[bool]:
+    """should_prune() after each fold of a new trial reporting these scores; with `n_folds`
+    the trial says how many folds it has (as run_trial does), which arms the exact bound."""
     trial = study.ask()
+    if n_folds:
+        trial.set_user_attr("fold_order", list(range(n_folds)))
     decisions = []
     for fold, score in enumerate(folds):
         trial.report(score, step=fold)
@@ -160,6 +164,55 @@ def test_default_wilcoxon_stops_a_trial_that_lost_its_first_two_folds(tmp_path, 
     # the old threshold 0.2 could not stop the same trial before its 3rd fold
     strict = tune.open_study(with_values(params, {"tune.pruner_p_threshold": 0.2}), tune.storage_url(params))
     assert prune_decisions(strict, [0.6, 0.5, 0.7]) == [False, False, True]
+
+
+def test_unreachable_bound_is_exact():
+    # (0.8 + 4 x 1.0) / 5 = 0.96: below a best of 0.97, not below 0.96 (a tie could still win)
+    assert tune.unreachable([0.8], 5, best=0.97)
+    assert not tune.unreachable([0.8], 5, best=0.96)
+    assert not tune.unreachable([0.8, float("nan")], 5, best=0.99)  # NaN folds: the mean is not a plain sum
+    assert not tune.unreachable([0.1] * 5, 5, best=0.99)  # every fold done: nothing left to save
+    assert not tune.unreachable([], 5, best=0.99)
+
+
+def test_a_trial_that_cannot_beat_the_best_stops_at_once(tmp_path, store):
+    shipped = load_params(ROOT / "params.yaml").tune
+    assert shipped.prune_unreachable
+    params = tune_params(tmp_path, store, pruner="wilcoxon", pruner_p_threshold=shipped.pruner_p_threshold,
+                         pruner_startup_steps=shipped.pruner_startup_steps)
+    study = tune.open_study(params, tune.storage_url(params))
+    add_complete(study, [0.99, 0.98, 1.0, 0.99, 0.99])  # best mean 0.99
+    # 0.9 then four perfect folds would give 0.98: stopped after one fold, before Wilcoxon may speak
+    assert prune_decisions(study, [0.9], n_folds=5) == [True]
+    # 0.97 could still reach 0.994: only the statistics decide, and one fold is too few for them
+    assert prune_decisions(study, [0.97], n_folds=5) == [False]
+    off = tune.open_study(with_values(params, {"tune.prune_unreachable": False}), tune.storage_url(params))
+    assert prune_decisions(off, [0.9], n_folds=5) == [False]
+
+
+def test_unreachable_bound_never_stops_the_trial_that_would_have_won():
+    # Random studies replayed through the bound alone: whatever it stops, the best trial of
+    # the unpruned study always completes, so the best score is kept exactly.
+    import optuna
+
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        scores = np.clip(rng.normal(rng.uniform(0.6, 0.95, (20, 1)), 0.08, (20, 5)), 0, 1)
+        study = optuna.create_study(direction="maximize", pruner=tune.UnreachablePruner(optuna.pruners.NopPruner()))
+        stopped = 0
+        for row in scores:
+            trial = study.ask()
+            trial.set_user_attr("fold_order", list(range(5)))
+            for fold in rng.permutation(5):
+                trial.report(float(row[fold]), step=int(fold))
+                if trial.should_prune():
+                    study.tell(trial, state=TrialState.PRUNED)
+                    stopped += 1
+                    break
+            else:
+                study.tell(trial, float(row.mean()))
+        assert study.best_value == pytest.approx(scores.mean(axis=1).max())
+        assert stopped > 0 or scores.mean(axis=1).max() < 0.75  # it does stop trials where it can
 
 
 def test_no_pruning_after_the_last_fold(tmp_path, store):
