@@ -56,6 +56,7 @@ if [ -f data/prepared/meta.json ]; then
   echo "train wall time: $(( $(date +%s) - start )) s" | tee -a "$OUT/train_default.log"
   run evaluate_default $PY -m src.evaluate "${LOCAL[@]}"
   cp "$WORK/reports/metrics.json" "$OUT/metrics_default.json" 2>/dev/null || true
+  rm -rf "$WORK"
 else
   echo "no data/prepared: default train on the GPU not run" | tee "$OUT/train_default.log"
 fi

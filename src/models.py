@@ -112,6 +112,7 @@ def host_to_device(arr: np.ndarray, device: str | torch.device) -> torch.Tensor:
     not block: a copy from pageable memory makes the CPU wait until the GPU has run every kernel
     queued before it, so the next step's Python and kernel launches could not overlap this
     step's GPU work.  torch's pinned-memory cache keeps the buffer until the copy is done."""
+    arr = np.ascontiguousarray(arr)
     if not arr.flags.writeable:  # a read-only memmap slice: torch.from_numpy would warn
         arr = arr.copy()
     t = torch.from_numpy(arr)
@@ -130,7 +131,7 @@ def to_input(images: np.ndarray, meta: dict[str, Any], device: str | torch.devic
     # Integer images cross to the device as they are and become float there: a quarter (uint8)
     # of the bytes over PCIe and no float conversion on the CPU that also runs the augmentation.
     if arr.dtype == np.uint8:
-        x = host_to_device(np.ascontiguousarray(arr), device).float() / 255.0
+        x = host_to_device(arr, device).float() / 255.0
     elif arr.dtype == np.uint16:
         x = host_to_device(arr.astype(np.int32), device).float() / 65535.0  # torch lacks uint16 ops
     else:

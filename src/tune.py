@@ -35,6 +35,7 @@ from typing import Any, Iterator
 import numpy as np
 import optuna
 import yaml
+from optuna.trial import TrialState
 
 from src.cli import run_main
 from src.config import (Params, add_params_args, flatten, load_params, params_from_args, params_from_dict,
@@ -59,7 +60,6 @@ def storage_url(params: Params) -> str:
 
 
 def open_storage(url: str):
-    import optuna
     from optuna.storages.journal import JournalFileBackend
 
     if url.startswith("journal:///") or url.endswith(".journal") and "://" not in url:
@@ -118,7 +118,7 @@ class UnreachablePruner(optuna.pruners.BasePruner):
 
     def prune(self, study, trial) -> bool:
         n_folds = len(trial.user_attrs.get("fold_order") or ())  # set by run_trial
-        completed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if n_folds and completed:
             best = max(t.value for t in completed)  # the study maximises
             if unreachable(list(trial.intermediate_values.values()), n_folds, best):
@@ -127,8 +127,6 @@ class UnreachablePruner(optuna.pruners.BasePruner):
 
 
 def open_study(params: Params, url: str | None = None):
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(seed=params.tune.sampler_seed, n_startup_trials=params.tune.n_startup_trials)
     return optuna.create_study(storage=open_storage(url or storage_url(params)), study_name=params.tune.study_name,
@@ -153,8 +151,6 @@ def trial_params(params: Params, values: dict[str, Any]) -> Params:
 
 
 def _done_states():
-    from optuna.trial import TrialState
-
     return (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
 
 
@@ -178,8 +174,6 @@ def study_lock(params: Params, url: str) -> Iterator[None]:
 
 def recover_stale_trials(study, grace: float, max_retry: int, now: float | None = None) -> list[int]:
     """Fail RUNNING trials whose heartbeat is older than `grace` s and re-enqueue their params."""
-    from optuna.trial import TrialState
-
     now = time.time() if now is None else now
     recovered = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -292,12 +286,16 @@ def fold_objective(params: Params, result) -> dict[str, float]:
     return {"fold_val_auc": float(result.best_val_auc), "fold_test_auc": float(test_auc)}
 
 
+def shuffles_folds(params: Params) -> bool:
+    return params.tune.shuffle_folds and params.tune.pruner != "median"
+
+
 def fold_order(params: Params, trial_number: int, n_folds: int) -> list[int]:
     """The order one trial trains its folds in: 0..K-1, or a permutation seeded by the
     sampler seed and the trial number (reproducible, different for every trial).  The median
     pruner keeps 0..K-1: it reads a step as progress (its warm-up counts steps, it compares a
     trial's best step so far with the others at the last step), not as a fold to pair."""
-    if not params.tune.shuffle_folds or params.tune.pruner == "median":
+    if not shuffles_folds(params):
         return list(range(n_folds))
     rng = np.random.default_rng([params.tune.sampler_seed, trial_number])
     return [int(k) for k in rng.permutation(n_folds)]
@@ -305,8 +303,6 @@ def fold_order(params: Params, trial_number: int, n_folds: int) -> list[int]:
 
 def run_trial(params: Params, study, trial, parent_id: str, store) -> float:
     """Train the K folds of one trial, reporting after each fold so the pruner can stop it."""
-    import optuna
-
     from src.trainer import train_fold
 
     values = suggest(trial, params)
@@ -340,9 +336,6 @@ def run_trial(params: Params, study, trial, parent_id: str, store) -> float:
 
 def run_worker(params: Params, url: str, target: int, deadline: float | None, parent_id: str) -> int:
     """Ask-and-tell until the study holds `target` counted trials or the deadline passes."""
-    import optuna
-    from optuna.trial import TrialState
-
     from src.store import PreparedStore
 
     store = PreparedStore.open(params.prepare.out)
@@ -385,8 +378,6 @@ def best_fragment(study) -> dict[str, Any]:
 
 
 def write_outputs(params: Params, study, parent_id: str) -> Path | None:
-    from optuna.trial import TrialState
-
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not completed:
         print("no completed trial yet: nothing to write")
@@ -573,8 +564,6 @@ def apply_best(args: argparse.Namespace, params: Params, study, parent_id: str) 
 
 
 def summary(study, seconds: float, url: str, params: Params) -> None:
-    from optuna.trial import TrialState
-
     counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
     folds = sum(int(t.user_attrs.get("folds_trained", 0)) for t in study.get_trials(deepcopy=False))
