@@ -3,7 +3,7 @@
     python benchmarks/bench_ddp.py [--nproc 2] [--set train.model=efficientnet_b0 ...]
                                    [--batches 12] [--rounds 3] [--size 128]
 
-Both sides run `src.trainer.run_epoch` (store reads, augmentation, forward/backward/step)
+Both sides run `src.model.fit.run_epoch` (store reads, augmentation, forward/backward/step)
 on the same synthetic store, model and *global* batch (`train.batch_size`, split across the
 processes).  On CPU the single process gets all the cores' threads and each of the N
 processes 1/N of them, so both use the same cores.  Rounds alternate the two; medians and
@@ -29,11 +29,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_train import synthetic_store  # noqa: E402
-from src import distributed  # noqa: E402
-from src.augment import build_augment  # noqa: E402
-from src.config import add_params_args, params_from_args  # noqa: E402
-from src.store import PreparedStore  # noqa: E402
-from src.trainer import BatchSource, batches_of, build_engine, checkpoint_meta, run_epoch  # noqa: E402
+from src.model import distributed  # noqa: E402
+from src.data.augment import build_augment  # noqa: E402
+from src.core.config import add_params_args, params_from_args  # noqa: E402
+from src.artifacts.store import PreparedStore  # noqa: E402
+from src.data.batches import BatchSource, batches_of  # noqa: E402
+from src.model.engine import build_engine, run_epoch  # noqa: E402
+from src.model.fit import checkpoint_meta  # noqa: E402
 
 
 def worker(params, store_dir: Path, batches: int) -> None:

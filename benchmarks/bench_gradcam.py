@@ -20,10 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from src.cam import METHODS, explain_tensor, resolve_target_layer  # noqa: E402
-from src.cam_faithfulness import perturbation_score  # noqa: E402
-from src.cam_figures import save_overlay  # noqa: E402
-from src.models import create_model, to_input  # noqa: E402
+from src.artifacts.checkpoint import CheckpointMeta  # noqa: E402
+from src.explain.cam import METHODS, explain_tensor, resolve_target_layer  # noqa: E402
+from src.explain.faithfulness import perturbation_score  # noqa: E402
+from src.explain.figures import save_overlay  # noqa: E402
+from src.model.factory import create_model, to_input  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -37,7 +38,7 @@ def timed(fn, repeats: int) -> float:
 def bench(name: str, size: int, repeats: int, road_percentiles: list[int]) -> list[tuple[str, float]]:
     torch.manual_seed(0)
     model = create_model(name, num_classes=2, in_chans=1).eval()
-    meta = {"in_chans": 1, "input_size": [size, size], "classes": ["C1", "C3"]}
+    meta = CheckpointMeta(model=name, classes=["C1", "C3"], input_size=[size, size])
     image = np.random.default_rng(0).integers(0, 256, (size, size), dtype=np.uint8)
     x = to_input(image, meta)
     layer_name, layer = resolve_target_layer(model, None, tuple(x.shape))

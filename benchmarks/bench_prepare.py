@@ -25,18 +25,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from src.config import load_params  # noqa: E402
-from src.imaging import read_image  # noqa: E402
-from src.prepare import prepare  # noqa: E402
-from src.preprocess import auto_shrink, rolling_ball_background  # noqa: E402
+from src.core.config import load_params  # noqa: E402
+from src.data.imaging import read_image  # noqa: E402
+from src.data.build_store import prepare  # noqa: E402
+from src.data.preprocess import auto_shrink, rolling_ball_background  # noqa: E402
 
 WIDTH, HEIGHT = 1024, 512
 
 
 def phantom_dataset(tmp: Path, n: int) -> tuple[dict[str, Path], str]:
     """A phantom of about n images at WIDTH x HEIGHT, laid out like a user's data."""
-    from src.config import PhantomParams
-    from src.phantom import generate
+    from src.core.config import PhantomParams
+    from src.synthetic.generator import generate
 
     p = PhantomParams(out=str(tmp / "phantom"), masks_out=str(tmp / "masks"), patients_per_class=max(1, n // 2),
                       followup_fraction=0.0, width=WIDTH, height=HEIGHT, bit_depth=8)

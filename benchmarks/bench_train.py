@@ -3,7 +3,7 @@
     python benchmarks/bench_train.py [--params params.yaml] [--set train.batch_size=32 ...]
                                      [--batches 10] [--rounds 3] [--store DIR]
 
-"trainer" runs `src.trainer.run_epoch`: batches read from the prepared memmap store by
+"trainer" runs `src.model.fit.run_epoch`: batches read from the prepared memmap store by
 index arrays, albumentations on each image, normalisation, forward/backward/step with the
 configured AMP and channels_last.  "bare" runs forward/backward/step of the same model,
 batch and input size on a random tensor already on the device.  Rounds alternate the
@@ -27,11 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.augment import build_augment  # noqa: E402
-from src.config import add_params_args, params_from_args  # noqa: E402
-from src.store import PreparedStore  # noqa: E402
-from src.trainer import (BatchSource, amp_dtype, autocast_context, batches_of, build_engine,  # noqa: E402
-                         checkpoint_meta, run_epoch, select_device)
+from src.data.augment import build_augment  # noqa: E402
+from src.core.config import add_params_args, params_from_args  # noqa: E402
+from src.artifacts.store import PreparedStore  # noqa: E402
+from src.core.runtime import amp_dtype, autocast_context, select_device  # noqa: E402
+from src.data.batches import BatchSource, batches_of  # noqa: E402
+from src.model.engine import build_engine, run_epoch  # noqa: E402
+from src.model.fit import checkpoint_meta  # noqa: E402
 
 
 def synthetic_shape(params) -> tuple[str, int, int]:

@@ -35,11 +35,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from src import tune  # noqa: E402
-from src.cli import run_main  # noqa: E402
-from src.config import Params, apply_overrides, load_params, params_from_dict, with_values  # noqa: E402
-from src.phantom import generate  # noqa: E402
-from src.prepare import prepare  # noqa: E402
+from src.tuning import pruners as tuning_pruners  # noqa: E402
+from src.tuning import search  # noqa: E402
+from src.tuning import study as tuning_study  # noqa: E402
+from src.core.cli import run_main  # noqa: E402
+from src.core.config import Params, apply_overrides, load_params, params_from_dict, with_values  # noqa: E402
+from src.data.build_store import prepare  # noqa: E402
+from src.synthetic.generator import generate  # noqa: E402
 
 TARGET_SAVING = 0.30
 TARGET_MAX_LOSS = 0.01
@@ -67,13 +69,13 @@ def bench_params(args: argparse.Namespace, tmp: Path) -> Params:
 def run_study(base: Params, pruner: str, tmp: Path, trials: int) -> dict:
     params = with_values(base, {"tune.pruner": pruner, "tune.study_name": f"bench-{pruner}",
                                 "tune.out": str(tmp / "tune" / pruner)})
-    url = tune.storage_url(params)
-    tune.open_study(params, url)
-    parent = tune.study_parent_run(params, url)
+    url = tuning_study.storage_url(params)
+    tuning_study.open_study(params, url)
+    parent = search.study_parent_run(params, url)
     start = time.perf_counter()
-    tune.run_worker(params, url, target=trials, deadline=None, parent_id=parent)
+    search.run_worker(params, url, target=trials, deadline=None, parent_id=parent)
     seconds = time.perf_counter() - start
-    study = tune.open_study(params, url)
+    study = tuning_study.open_study(params, url)
     done = study.get_trials()
     return {"pruner": pruner, "seconds": seconds, "best": study.best_value, "best_trial": study.best_trial.number,
             "folds": sum(int(t.user_attrs.get("folds_trained", 0)) for t in done),
@@ -90,7 +92,7 @@ def replay(base: Params, pruner: str, trials: list, orders: list[list[int]]) -> 
     from optuna.trial import TrialState
 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0),
-                                pruner=tune.make_pruner(with_values(base, {"tune.pruner": pruner})))
+                                pruner=tuning_pruners.make_pruner(with_values(base, {"tune.pruner": pruner})))
     folds = 0
     for frozen, order in zip(trials, orders):
         trial = study.ask()
@@ -118,8 +120,8 @@ def print_replays(base: Params, pruners: list[str], trials: list, n_orders: int)
             continue
         own = with_values(base, {"tune.pruner": pruner})
         # the orders this pruner's own study would use (the median pruner keeps 0..K-1)
-        folds, got = replay(base, pruner, trials, [tune.fold_order(own, t.number, k) for t in trials])
-        if not tune.shuffles_folds(own):
+        folds, got = replay(base, pruner, trials, [search.fold_order(own, t.number, k) for t in trials])
+        if not search.shuffles_folds(own):
             print(f"{pruner:9s} {1 - folds / total:17.1%} {got - best:+10.4f}   - (folds in order)")
             continue
         runs = []

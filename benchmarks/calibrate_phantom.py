@@ -25,8 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.config import add_params_args, params_from_args  # noqa: E402
-from src.phantom import cortex_profile, generate, global_intensity_features  # noqa: E402
+from src.core.config import add_params_args, params_from_args  # noqa: E402
+from src.synthetic.generator import generate  # noqa: E402
+from src.synthetic.measurement import cortex_profile, global_intensity_features  # noqa: E402
 
 
 def cv_auc(features: np.ndarray, labels: np.ndarray, groups: list[str], seed: int = 0) -> float:

@@ -12,197 +12,31 @@ that looks complete.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import os
-from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
-from typing import Any, Iterator
 
-import numpy as np
-
-from src.cli import run_main
-from src.config import Params, PrepareParams, add_params_args, params_from_args
-from src.dataset import (
-    Dataset, ImageRecord, ValidationFailed, assign_folds, discover, fold_groups, fold_summary, format_report, validate,
-)
-from src.errors import DataError
-from src.fileio import atomic_dir, sha256_file
-from src.imaging import probe_size, read_image
-from src.preprocess import full_size, preprocess_image
-from src.store import IMAGES_FILE, MANIFEST_COLUMNS, MANIFEST_FILE, META_FILE, REPORT_FILE
-
-RUN_ONLY_FIELDS = {"out", "workers"}
-COMPACT_CHUNK = 256  # rows copied at a time when dropping skipped images from the store
-
-
-def prepare(params: Params) -> Path:
-    """Build the prepared store at prepare.out and return its path."""
-    prep, folds = params.prepare, params.train.folds
-    ds = discover(params.data, folds=folds)
-    crop = prep.mode == "crop"
-    # Rules that need no pixels run first, so a label conflict stops in seconds, not after decoding.
-    early = _validated(ds, folds, crop, unreadable={})
-    skip = {e["file"] for e in early["excluded"]}
-    todo = [r for r in ds.records if r.file not in skip]
-
-    settings, source_sizes = resolve_settings(prep, todo)
-    size = (prep.crop.size, prep.crop.size) if crop else tuple(settings.full.size)
-    out = Path(prep.out)
-    with atomic_dir(out) as tmp:
-        infos, unreadable = _decode_into(tmp / IMAGES_FILE, ds.records, skip, settings, size)
-        report = _validated(ds, folds, crop, unreadable=unreadable)
-        kept_files = set(report["kept"])
-        keep = [i for i, r in enumerate(ds.records) if r.file in kept_files]
-        if len(keep) < len(ds.records):
-            _compact(tmp / IMAGES_FILE, keep)
-        kept = [ds.records[i] for i in keep]
-        fold = assign_folds(np.array([r.label for r in kept]), fold_groups(kept), folds, prep.fold_seed)
-
-        report["fold_counts"] = fold_summary(kept, fold, ds.classes)
-        report["source_sizes"] = {f"{h}x{w}": n for (h, w), n in source_sizes.most_common()}
-        report["warnings"] = _warnings(report, source_sizes, crop)
-        _write_manifest(tmp / MANIFEST_FILE, kept, [infos[i] for i in keep], fold)
-        meta = {
-            "mode": prep.mode,
-            "size": [int(size[0]), int(size[1])],
-            "dtype": prep.dtype,
-            "classes": ds.classes,
-            "positive_class": ds.positive_class,
-            "folds": folds,
-            "fold_seed": prep.fold_seed,
-            "preprocessing": stored_settings(settings),
-            "data_root": str(params.data.root),
-            "n_images": len(kept),
-            "manifest_sha256": sha256_file(tmp / MANIFEST_FILE),
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(format_report(report))
-    for line in report["warnings"]:
-        print(f"warning: {line}")
-    print(f"prepared {len(kept)} images -> {out}/{IMAGES_FILE} ({len(kept)}x{size[0]}x{size[1]} {prep.dtype}), "
-          f"{MANIFEST_FILE}, {META_FILE}, {REPORT_FILE}")
-    return out
-
-
-def _validated(ds: Dataset, folds: int, crop: bool, unreadable: dict[str, str]) -> dict[str, Any]:
-    try:
-        return validate(ds, folds, require_boxes=crop, unreadable=unreadable)
-    except ValidationFailed as exc:
-        print(format_report(exc.report))  # the whole picture, before the one-line error
-        raise
-
-
-def resolve_settings(prep: PrepareParams, records: list[ImageRecord]) -> tuple[PrepareParams, Counter]:
-    """Fix full-mode's output size from the source sizes (headers only).
-
-    A downscale factor gives one size per source size, but a store holds one size: the most
-    common source size decides, and the resolved [h, w] is written into the stored
-    settings so inference resizes any new image to exactly the trained size.
-    """
-    sizes = Counter(s for s in (probe_size(r.path) for r in records) if s is not None)
-    if prep.mode != "full" or prep.full.size is not None:
-        return prep, sizes
-    if not sizes:
-        raise DataError("prepare.full.downscale: no readable image header to take the size from; set prepare.full.size")
-    common = sizes.most_common(1)[0][0]
-    resolved = full_size(common, prep.full.downscale, None)
-    return prep.model_copy(update={"full": prep.full.model_copy(update={"size": resolved})}), sizes
-
-
-def stored_settings(settings: PrepareParams) -> dict[str, Any]:
-    """The prepare section as inference needs it: where the store went and how many
-    processes built it change nothing in the pixels, so they stay out of meta.json."""
-    return settings.model_dump(mode="json", exclude=RUN_ONLY_FIELDS)
-
-
-def _decode_into(path: Path, records: list[ImageRecord], skip: set[str], settings: PrepareParams,
-                 size: tuple[int, int]) -> tuple[list[dict | None], dict[str, str]]:
-    """One pass: decode + preprocess each image into row i of a memmapped images.npy."""
-    images = np.lib.format.open_memmap(path, mode="w+", dtype=settings.dtype, shape=(len(records), *size))
-    infos: list[dict | None] = [None] * len(records)
-    unreadable: dict[str, str] = {}
-    todo = [i for i, r in enumerate(records) if r.file not in skip]
-    jobs = [(str(records[i].path), records[i].box) for i in todo]
-    for i, result in zip(todo, _run(jobs, settings.model_dump(mode="json"), settings.workers)):
-        if isinstance(result, str):
-            unreadable[records[i].file] = result
-            continue
-        arr, info = result
-        if arr.shape != tuple(size):
-            raise DataError(f"{records[i].file}: preprocessed to {arr.shape}, store rows are {tuple(size)}")
-        images[i] = arr
-        infos[i] = info
-    images.flush()
-    del images
-    return infos, unreadable
-
-
-def _run(jobs: list[tuple[str, Any]], settings: dict, workers: int) -> Iterator[Any]:
-    if workers <= 1 or len(jobs) < 2 * workers:
-        for path, box in jobs:
-            yield process_one(path, box, settings)
-        return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        # map keeps input order, so row i is always record i whatever the worker count.
-        yield from pool.map(process_one, *zip(*jobs), [settings] * len(jobs), chunksize=8)
-
-
-def process_one(path: str, box, settings: dict) -> tuple[np.ndarray, dict] | str:
-    """Decode + preprocess one file; a DataError becomes its reason (the file is reported)."""
-    try:
-        return preprocess_image(read_image(path), settings, box)
-    except DataError as exc:
-        text = str(exc)
-        return text[len(path) + 2:] if text.startswith(f"{path}: ") else text
-
-
-def _compact(path: Path, keep: list[int]) -> None:
-    """Drop skipped rows: copy the kept ones into a new memmap chunk by chunk (flat memory)."""
-    full = np.load(path, mmap_mode="r")
-    tmp = path.with_name(f".compact.{path.name}")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=full.dtype, shape=(len(keep), *full.shape[1:]))
-    for start in range(0, len(keep), COMPACT_CHUNK):
-        rows = keep[start:start + COMPACT_CHUNK]
-        out[start:start + len(rows)] = full[rows]
-    out.flush()
-    del out, full
-    os.replace(tmp, path)
-
-
-def _write_manifest(path: Path, records: list[ImageRecord], infos: list[dict], fold: np.ndarray) -> None:
-    def cell(v):
-        return "" if v is None else v
-
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(MANIFEST_COLUMNS)
-        for i, (r, info, k) in enumerate(zip(records, infos, fold)):
-            box = r.box or (None, None, None, None)
-            writer.writerow([i, r.file, r.class_name, r.label, r.patient, int(k), info["src_height"], info["src_width"],
-                             *(cell(v) for v in box), cell(info["crop_x0"]), cell(info["crop_y0"]),
-                             cell(info["crop_side"]), r.sha256])
-
-
-def _warnings(report: dict[str, Any], source_sizes: Counter, crop: bool) -> list[str]:
-    out = []
-    for k, row in report["fold_counts"].items():
-        empty = [c for c in report["classes"] if row[c] == 0]
-        if empty:
-            out.append(f"fold {k} has no image of class {', '.join(empty)}: its AUC is undefined; add patients or lower train.folds")
-    if not crop and len(source_sizes) > 1:
-        out.append(f"{len(source_sizes)} different source sizes were resized to one store size (aspect ratio may change); "
-                   "see report.json source_sizes")
-    return out
+from src.artifacts.store import IMAGES_FILE, MANIFEST_FILE, META_FILE, REPORT_FILE, PreparedStore, read_report
+from src.core.cli import run_main
+from src.core.config import add_params_args, params_from_args
+from src.data.build_store import prepare
+from src.data.dataset import ValidationFailed, format_report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m src.prepare", description=__doc__.splitlines()[0])
     add_params_args(parser)
     args = parser.parse_args(argv)
-    prepare(params_from_args(args))
+    try:
+        out = prepare(params_from_args(args))
+    except ValidationFailed as exc:
+        print(format_report(exc.report))  # the whole picture, before the one-line error
+        raise
+    store = PreparedStore.open(out)
+    report = read_report(out)
+    print(format_report(report))
+    for line in report.get("warnings", []):
+        print(f"warning: {line}")
+    n, h, w = store.images.shape
+    print(f"prepared {n} images -> {out}/{IMAGES_FILE} ({n}x{h}x{w} {store.images.dtype}), "
+          f"{MANIFEST_FILE}, {META_FILE}, {REPORT_FILE}")
     return 0
 
 

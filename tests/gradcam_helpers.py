@@ -13,10 +13,12 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from src.config import Params, params_from_dict
-from src.fileio import sha256_file
-from src.models import DEFAULT_NORMALIZATION, create_model, save_checkpoint
-from src.preprocess import crop_geometry, resize, square_crop, to_dtype
+from src.core.config import Params, params_from_dict
+from src.core.fileio import sha256_file
+from src.artifacts.checkpoint import CheckpointMeta, save_checkpoint
+from src.artifacts.cv_run import CvRun, write_cv, write_fold_predictions
+from src.model.factory import create_model
+from src.data.preprocess import crop_geometry, resize, square_crop, to_dtype
 
 TINY_MODEL = "test_efficientnet"
 SRC_H, SRC_W = 96, 160  # source radiographs
@@ -72,12 +74,10 @@ def make_cam_inputs(root: str | Path, n_per_class: int = 4, folds: int = 2, seed
     return {"root": root, "images": images_dir, "masks": masks_dir, "store": store_dir, "models": models_dir}
 
 
-def checkpoint_meta(store_meta: dict[str, Any], fold: int) -> dict[str, Any]:
+def checkpoint_meta(store_meta: dict[str, Any], fold: int) -> CheckpointMeta:
     keep = ("mode", "size", "dtype", "preprocessing", "data_root", "manifest_sha256")
-    return {"model": TINY_MODEL, "in_chans": 1, "num_classes": len(store_meta["classes"]),
-            "classes": store_meta["classes"], "positive_class": store_meta["positive_class"],
-            "input_size": store_meta["size"], "normalization": dict(DEFAULT_NORMALIZATION),
-            "preprocessing": {k: store_meta[k] for k in keep}, "fold": fold, "drop_rate": 0.0}
+    return CheckpointMeta(model=TINY_MODEL, classes=store_meta["classes"], positive_class=store_meta["positive_class"],
+                          input_size=store_meta["size"], preprocessing={k: store_meta[k] for k in keep}, fold=fold)
 
 
 def write_fold_checkpoint(directory: Path, fold: int, store_meta: dict[str, Any], manifest: pd.DataFrame) -> None:
@@ -89,9 +89,9 @@ def write_fold_checkpoint(directory: Path, fold: int, store_meta: dict[str, Any]
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.normal_(0, 0.1)
             module.running_var.uniform_(0.5, 1.5)
-    save_checkpoint(directory, model, checkpoint_meta(store_meta, fold))
+    save_checkpoint(directory, model.state_dict(), checkpoint_meta(store_meta, fold))
     test = manifest[manifest["fold"] == fold]
-    test[["index", "file", "patient", "fold", "label"]].to_csv(directory / "test_predictions.csv", index=False)
+    write_fold_predictions(directory, test[["index", "file", "patient", "fold", "label"]])
 
 
 def cam_params(tmp_path: str | Path, paths: dict[str, Path], **gradcam: Any) -> Params:
@@ -101,8 +101,8 @@ def cam_params(tmp_path: str | Path, paths: dict[str, Path], **gradcam: Any) -> 
     cfg.update(gradcam)
     return params_from_dict({
         "data": {"root": str(paths["images"]), "positive_class": "C3"},
-        "prepare": {"out": str(paths["store"]), "mode": "crop", "crop": CROP},
-        "train": {"out": str(paths["models"]), "model": TINY_MODEL, "device": "cpu", "folds": 2},
+        "prepare": {"out": str(paths["store"]), "mode": "crop", "crop": CROP, "folds": 2},
+        "train": {"out": str(paths["models"]), "model": TINY_MODEL, "device": "cpu"},
         "gradcam": cfg,
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
                    "artifact_root": str(tmp_path / "mlruns" / "artifacts"), "experiment": "cam-test"},
@@ -113,13 +113,12 @@ def make_parent_run(params: Params, models_dir: Path) -> str:
     """An MLflow CV parent run, finished like train's, and the cv.json that names it."""
     import mlflow
 
-    from src.tracking import configure
+    from src.core.tracking import configure
 
     configure(params.mlflow)
     with mlflow.start_run(run_name="cv-parent") as run:
         mlflow.log_metric("oof_roc_auc", 0.5)
     run_id = run.info.run_id
     folds = sorted(int(p.name.split("_")[1]) for p in models_dir.glob("fold_*"))
-    (models_dir / "cv.json").write_text(json.dumps(
-        {"parent_run_id": run_id, "fold_run_ids": {str(k): None for k in folds}, "folds": len(folds), "status": "FINISHED"}))
+    write_cv(models_dir, CvRun(parent_run_id=run_id, folds=len(folds)))
     return run_id

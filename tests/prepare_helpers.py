@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from src.config import params_from_dict
+from src.core.config import params_from_dict
 
 H, W = 48, 96  # small but wide, like a panoramic radiograph
 BOX = (40.0, 20.0, 16.0, 8.0)  # x, y, w, h: centre (48, 24)
@@ -77,8 +77,8 @@ def make_params(paths: dict[str, Path], out: Path, folds: int = 2, **sections):
             "manifest": str(paths["manifest"]) if "manifest" in paths else None,
             "annotations": str(paths["annotations"]) if "annotations" in paths else None,
         },
-        "prepare": {"out": str(out), "mode": "crop", "crop": {"side": 24, "reference_width": None, "size": 16}},
-        "train": {"folds": folds},
+        "prepare": {"out": str(out), "mode": "crop", "crop": {"side": 24, "reference_width": None, "size": 16},
+                    "folds": folds},
     }
     for section, values in sections.items():
         raw.setdefault(section, {})

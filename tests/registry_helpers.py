@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src.config import Params, PrepareParams, params_from_dict
-from src.models import create_model, save_checkpoint
+from src.core.config import Params, PrepareParams, params_from_dict
+from src.artifacts.checkpoint import CheckpointMeta, save_checkpoint
+from src.artifacts.cv_run import CvRun, write_cv
+from src.model.factory import create_model
 
 CLASSES = ["C1", "C3"]
 MODEL = "test_efficientnet"
@@ -29,7 +31,7 @@ def make_params(tmp: Path, mode: str = "full", store: Path | None = None, **regi
         "data": {"root": str(tmp / "data" / "images"), "name": "toy"},
         "phantom": {"out": str(tmp / "data" / "phantom")},
         "prepare": {**prepare_section(mode), "out": str(tmp / "data" / "prepared")},
-        "train": {"out": str(tmp / "models"), "model": MODEL, "folds": 2},
+        "train": {"out": str(tmp / "models"), "model": MODEL},
         "evaluate": {"out": str(tmp / "reports")},
         "gradcam": {"out": str(tmp / "reports" / "gradcam")},
         "register": {"out": str(tmp / "reports" / "register"), "example_size": [48, 96], **register},
@@ -40,24 +42,20 @@ def make_params(tmp: Path, mode: str = "full", store: Path | None = None, **regi
 
 
 def prepare_section(mode: str = "full") -> dict:
-    return {"out": "unused", "mode": mode, "full": {"downscale": None, "size": [32, 32]},
+    return {"out": "unused", "mode": mode, "folds": 2, "full": {"downscale": None, "size": [32, 32]},
             "crop": {"side": 40, "reference_width": None, "size": 32}}
 
 
-def checkpoint_meta(params: Params, fold: int, store_meta: dict | None = None) -> dict:
-    """Meta as src.trainer.checkpoint_meta writes it (store meta copied under 'preprocessing')."""
+def checkpoint_meta(params: Params, fold: int, store_meta: dict | None = None) -> CheckpointMeta:
+    """Meta as src.model.fit.checkpoint_meta writes it (store meta copied under 'preprocessing')."""
     prep = PrepareParams.model_validate(params.prepare.model_dump()).model_dump(mode="json")
     copied = {"mode": prep["mode"], "size": [32, 32], "dtype": "uint8", "preprocessing": prep,
               "data_root": params.data.root, "manifest_sha256": "ab" * 32}
     if store_meta is not None:
         keep = ("mode", "size", "dtype", "preprocessing", "data_root", "manifest_sha256")
         copied = {k: store_meta[k] for k in keep if k in store_meta}
-    return {
-        "model": MODEL, "in_chans": 1, "num_classes": len(CLASSES), "classes": CLASSES,
-        "positive_class": "C3", "input_size": [32, 32], "normalization": {"mean": 0.5, "std": 0.25},
-        "preprocessing": copied,
-        "fold": fold, "drop_rate": 0.0, "best_epoch": 2 + fold, "val_auc": 0.8,
-    }
+    return CheckpointMeta(model=MODEL, classes=CLASSES, positive_class="C3", input_size=[32, 32],
+                          preprocessing=copied, fold=fold, best_epoch=2 + fold, val_auc=0.8)
 
 
 def make_checkpoints(params: Params, folds: int = 2, seed: int = 0, store_meta: dict | None = None) -> list[Path]:
@@ -72,7 +70,7 @@ def make_checkpoints(params: Params, folds: int = 2, seed: int = 0, store_meta: 
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
         d = Path(params.train.out) / f"fold_{k}"
-        save_checkpoint(d, model, checkpoint_meta(params, k, store_meta))
+        save_checkpoint(d, model.state_dict(), checkpoint_meta(params, k, store_meta))
         (d / "test_predictions.csv").write_text("index,file,patient\n0,secret/patient.png,P001\n")
         out.append(d)
     return out
@@ -82,16 +80,14 @@ def make_cv_run(params: Params, folds: int = 2) -> str:
     """A finished CV parent run in the tmp store and the cv.json that points at it."""
     import mlflow
 
-    from src.tracking import configure
+    from src.core.tracking import configure
 
     configure(params.mlflow)
     with mlflow.start_run(run_name="cv-parent") as run:
         mlflow.log_metric("oof_roc_auc", 0.8)
-    cv = {"parent_run_id": run.info.run_id, "fold_run_ids": {str(k): f"run{k}" for k in range(folds)},
-          "folds": folds, "status": "FINISHED"}
-    path = Path(params.train.out) / "cv.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cv))
+    Path(params.train.out).mkdir(parents=True, exist_ok=True)
+    write_cv(params.train.out, CvRun(parent_run_id=run.info.run_id, folds=folds,
+                                     fold_run_ids={str(k): f"run{k}" for k in range(folds)}))
     return run.info.run_id
 
 
@@ -157,13 +153,13 @@ def write_dicom(path: Path, img16: np.ndarray) -> Path:
 
 def expected_probs(dirs: list[Path], image: np.ndarray, box=None) -> np.ndarray:
     """The reference: each fold checkpoint on the training transform of `image`, averaged."""
-    from src.models import load_checkpoint, predict_proba
-    from src.preprocess import preprocess_image
+    from src.model.factory import load_checkpoint, predict_proba
+    from src.data.preprocess import preprocess_image
 
     probs = []
     for d in dirs:
         model, meta = load_checkpoint(d)
-        prep = meta["preprocessing"]["preprocessing"]
+        prep = meta.prepare_settings
         arr, _ = preprocess_image(image, prep, box)
         probs.append(predict_proba(model, arr[None], meta)[0])
     return np.mean(probs, axis=0)

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src.config import Params, ParamsError, flatten, load_params, parse_override
+from src.core.config import Params, ParamsError, flatten, load_params, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ def test_repo_params_file_validates_and_matches_sections():
     params = load_params(ROOT / "params.yaml")
     assert set(Params.model_fields) == {
         "data", "phantom", "prepare", "train", "evaluate", "gradcam", "tune", "register", "mlflow"}
-    assert params.train.folds == 5
+    assert params.prepare.folds == 5
     assert params.data.positive_class in params.phantom.classes
 
 
@@ -56,7 +56,7 @@ def test_typo_in_nested_key(tmp_path):
 
 @pytest.mark.parametrize("override, fragment", [
     ("train.lr=-1", "train.lr"),
-    ("train.folds=1", "train.folds"),
+    ("prepare.folds=1", "prepare.folds"),
     ("train.optimizer=rmsprop", "train.optimizer"),
     ("train.epochs=many", "train.epochs"),
     ("prepare.mode=tiles", "prepare.mode"),

@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from src.models import load_checkpoint, predict_proba
-from src.store import PreparedStore
-from src.train import run_cv
-from src.trainer import amp_dtype, select_device, train_fold
+from src.model.factory import load_checkpoint, predict_proba
+from src.artifacts.store import PreparedStore
+from src.core.runtime import amp_dtype, select_device
+from src.model.cross_validation import run_cv
+from src.model.fit import train_fold
 from tests.train_helpers import make_tiny_store, tiny_params
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible to torch")
@@ -43,6 +44,6 @@ def test_fold_parallel_puts_workers_on_gpus(tmp_path):
     root = make_tiny_store(tmp_path / "s", n_per_class=9, folds=3, size=64)
     params = tiny_params(tmp_path, root, device="cuda", epochs=2, fold_parallel=2, threads=None)
     cv = run_cv(params)
-    assert cv["status"] == "FINISHED" and len(cv["fold_run_ids"]) == 3
+    assert cv.status == "FINISHED" and len(cv.fold_run_ids) == 3
     preds = pd.concat([pd.read_csv(tmp_path / "models" / f"fold_{k}" / "test_predictions.csv") for k in range(3)])
     assert sorted(preds["index"]) == list(range(18))

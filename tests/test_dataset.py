@@ -1,15 +1,16 @@
-"""src.dataset: discovery (classes, patients, boxes), the validation rules and the folds."""
+"""src.data.dataset: discovery (classes, patients, boxes), the validation rules and the folds."""
 import json
 import shutil
 
 import numpy as np
 import pytest
 
-from src.config import DataParams
-from src.dataset import (
-    ValidationFailed, assign_folds, discover, fold_groups, format_report, validate,
+from src.core.config import DataParams
+from src.data.dataset import (
+    ValidationFailed, discover, format_report, validate,
 )
-from src.errors import DataError
+from src.core.errors import DataError
+from src.data.splits import assign_folds, fold_groups
 from tests.prepare_helpers import BOX, make_dataset
 
 
@@ -154,8 +155,8 @@ def test_duplicates_within_class_kept_and_grouped(phantom):
 
 def test_too_few_patients_says_how_many_are_needed(phantom):
     ds = discover(_data(phantom), folds=5)
-    with pytest.raises(ValidationFailed, match=r"class 'C1' has 3 patient\(s\) but train.folds=5 needs at least 5 per class: "
-                       r"add 2 more patient\(s\) of C1 or lower train.folds"):
+    with pytest.raises(ValidationFailed, match=r"class 'C1' has 3 patient\(s\) but prepare.folds=5 needs at least 5 per class: "
+                       r"add 2 more patient\(s\) of C1 or lower prepare.folds"):
         validate(ds, unreadable={})
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.fileio import sha256_file
+from src.core.fileio import sha256_file
 
 DVC = str(Path(sys.executable).with_name("dvc"))
 

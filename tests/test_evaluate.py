@@ -9,11 +9,14 @@ import pandas as pd
 import pytest
 from sklearn.metrics import recall_score, roc_auc_score
 
-from src import tracking
-from src.cli import run_main
-from src.errors import DataError
-from src.evaluate import evaluate, main as evaluate_main
-from src.fileio import atomic_write_json
+from src.core import tracking
+from src.core.cli import run_main
+from src.core.errors import DataError
+from src.evaluate import main as evaluate_main
+from src.evaluation.report import evaluate
+from src.artifacts.checkpoint import CheckpointMeta
+from src.artifacts.cv_run import CvRun, fold_dir, write_cv, write_fold_predictions
+from src.core.fileio import atomic_write_json
 from tests.train_helpers import make_tiny_store, tiny_params, write_params
 
 
@@ -42,11 +45,11 @@ def fake_cv(tmp_path: Path, classes=("C1", "C3"), folds=3, n_per_class=12, seed=
         frame = rows[["index", "file", "patient", "fold", "label"]].copy()
         for c, name in enumerate(classes):
             frame[f"prob_{name}"] = probs[rows.index, c]
-        (out / f"fold_{k}").mkdir(parents=True)
-        frame.to_csv(out / f"fold_{k}" / "test_predictions.csv", index=False)
-        atomic_write_json(out / f"fold_{k}" / "meta.json",
-                          {"classes": list(classes), "positive_class": classes[-1], "fold": k})
-    atomic_write_json(out / "cv.json", {"parent_run_id": parent, "fold_run_ids": {}, "folds": folds, "status": "FINISHED"})
+        write_fold_predictions(fold_dir(out, k), frame)
+        atomic_write_json(fold_dir(out, k) / "meta.json",
+                          CheckpointMeta(model="test_efficientnet", classes=list(classes), positive_class=classes[-1],
+                                         fold=k).to_dict())
+    write_cv(out, CvRun(parent_run_id=parent, folds=folds))
     return params, manifest, probs, parent
 
 

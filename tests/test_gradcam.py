@@ -12,14 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from src.cam import METHODS, explain_image, input_gradient_saliency, resolve_target_layer
-from src.cam_faithfulness import (area_fraction, energy_inside, perturbation_score, pointing_hit, random_map,
+from src.explain.cam import METHODS, explain_image, input_gradient_saliency, resolve_target_layer
+from src.explain.faithfulness import (area_fraction, energy_inside, perturbation_score, pointing_hit, random_map,
                                   summarise)
-from src.errors import BoneHealthError, DataError
-from src.gradcam import (load_fold_model, main, mask_for, out_of_fold_model, run_gradcam, save_overlay,
-                         select_images)
-from src.models import create_model, load_checkpoint, predict_proba
-from src.store import PreparedStore
+from src.core.errors import BoneHealthError, DataError
+from src.explain.figures import save_overlay
+from src.explain.oof_explain import load_fold_model, mask_for, out_of_fold_model, run_gradcam, select_images
+from src.gradcam import main
+from src.model.factory import create_model, load_checkpoint, predict_proba
+from src.artifacts.checkpoint import CheckpointMeta
+from src.artifacts.store import PreparedStore
 from tests.gradcam_helpers import (CLASSES, SIZE, SRC_H, SRC_W, TINY_MODEL, cam_params, make_cam_inputs,
                                    make_parent_run)
 from tests.train_helpers import write_params
@@ -43,8 +45,7 @@ def inputs(tmp_path_factory):
 def tiny():
     torch.manual_seed(0)
     model = create_model(TINY_MODEL, num_classes=2, in_chans=1).eval()
-    meta = {"model": TINY_MODEL, "in_chans": 1, "classes": CLASSES, "input_size": [48, 80],
-            "normalization": {"mean": 0.5, "std": 0.25}}
+    meta = CheckpointMeta(model=TINY_MODEL, classes=CLASSES, input_size=[48, 80])
     return model, meta
 
 
@@ -110,7 +111,8 @@ def test_target_layer_defaults_names_and_errors(tiny):
     with pytest.raises(BoneHealthError, match=r"'classifier' does not output a 4-D feature map.*'bn2'"):
         resolve_target_layer(model, "classifier", (1, 1, 64, 64))
     with pytest.raises(BoneHealthError, match="unknown method 'gradcam2'"):
-        explain_image(model, {"classes": CLASSES, "input_size": [64, 64]}, np.zeros((64, 64), np.uint8), "gradcam2")
+        explain_image(model, CheckpointMeta(model=TINY_MODEL, classes=CLASSES, input_size=[64, 64]),
+                      np.zeros((64, 64), np.uint8), "gradcam2")
 
 
 # ------------------------------------------------------------------ localisation scores
@@ -326,20 +328,20 @@ def test_stage_errors_name_the_file(inputs, tmp_path, capsys):
         run_gradcam(params, log_to_mlflow=False)
     assert not Path(params.gradcam.out).exists()  # nothing half-written
 
-    from src.cli import run_main
+    from src.core.cli import run_main
 
     cv = json.loads((inputs["models"] / "cv.json").read_text())
     (inputs["models"] / "cv.json").write_text(json.dumps({**cv, "parent_run_id": "0" * 32}))
     assert run_main(main, ["--params", write_params(cam_params(tmp_path, inputs), tmp_path / "params.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: ") and f"parent run {'0' * 32} not found" in err
+    assert err.startswith("error: ") and f"parent run {'0' * 32} is not in the MLflow store" in err
 
 
 # ---------------------------------------------------------------------- single image
 def test_single_image_mode_from_a_file_a_folder_and_a_run_uri(inputs, tmp_path, capsys):
     import mlflow
 
-    from src.tracking import configure
+    from src.core.tracking import configure
 
     params = cam_params(tmp_path, inputs)
     pfile = write_params(params, tmp_path / "params.yaml")
@@ -355,7 +357,7 @@ def test_single_image_mode_from_a_file_a_folder_and_a_run_uri(inputs, tmp_path, 
     # the same preprocessing as training: probabilities equal the stored crop's
     model, meta = load_checkpoint(inputs["models"] / "fold_0")
     expected = predict_proba(model, store.images[[int(rec["index"])]], meta)[0]
-    from src.gradcam import explain_file
+    from src.explain.oof_explain import explain_file
 
     result = explain_file(params, image, tmp_path / "two.png", str(inputs["models"] / "fold_0"),
                           (rec.box_x, rec.box_y, rec.box_w, rec.box_h))
@@ -372,7 +374,7 @@ def test_single_image_mode_from_a_file_a_folder_and_a_run_uri(inputs, tmp_path, 
     maps = [explain_image(m, meta, ens["image"], "gradcam", target=target)[0] for m, meta in folds]
     np.testing.assert_allclose(ens["cam"], np.mean(maps, axis=0) / np.mean(maps, axis=0).max(), atol=1e-5)
 
-    # an MLflow URI (the registry's models:/ URIs resolve the same way through src.pyfunc_model)
+    # an MLflow URI (the registry's models:/ URIs resolve the same way through src.serving.pyfunc_model)
     configure(params.mlflow)
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(inputs["models"] / "fold_0"), artifact_path="checkpoint")
@@ -381,7 +383,7 @@ def test_single_image_mode_from_a_file_a_folder_and_a_run_uri(inputs, tmp_path, 
     assert uri["probs"]["C3"] == pytest.approx(result["probs"]["C3"], abs=1e-6)
     np.testing.assert_allclose(uri["cam"], result["cam"], atol=1e-6)
 
-    from src.cli import run_main
+    from src.core.cli import run_main
 
     assert run_main(main, ["--params", pfile, "--image", str(image), "--out", str(tmp_path / "x.png")]) == 2
     assert "pass --box x,y,w,h" in capsys.readouterr().err

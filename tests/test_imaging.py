@@ -1,4 +1,4 @@
-"""src.imaging: every format decodes to grey float32 in [0, 1] on the right scale; bad files
+"""src.data.imaging: every format decodes to grey float32 in [0, 1] on the right scale; bad files
 fail with a message naming the file and the reason."""
 import io
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.errors import DataError
-from src.imaging import probe_size, read_image, read_image_bytes
+from src.core.errors import DataError
+from src.data.imaging import probe_size, read_image, read_image_bytes
 from tests.prepare_helpers import png_with_sbit, write_dicom
 
 RAMP8 = np.tile(np.arange(0, 256, 5, dtype=np.uint8), (4, 1))  # 4 x 52

@@ -1,4 +1,4 @@
-"""src.metrics against scikit-learn on fixed inputs."""
+"""src.evaluation.metrics against scikit-learn on fixed inputs."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import (balanced_accuracy_score, brier_score_loss, f1_score, precision_score, recall_score,
                              roc_auc_score)
 
-from src.metrics import (METRIC_KEYS, binary_metrics, bootstrap_auc_ci, calibration_bins, classification_metrics,
+from src.evaluation.metrics import (METRIC_KEYS, binary_metrics, bootstrap_auc_ci, calibration_bins, classification_metrics,
                          expected_calibration_error, fast_binary_auc, multiclass_metrics, per_class_table)
 
 RNG = np.random.default_rng(7)

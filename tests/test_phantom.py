@@ -10,21 +10,12 @@ import cv2
 import numpy as np
 import pytest
 
-from src.config import PhantomParams, load_params, params_from_dict
-from src.errors import BoneHealthError
-from src.phantom import (
-    MANIFEST_COLUMNS,
-    cortex_profile,
-    field_of,
-    generate,
-    global_intensity_features,
-    main,
-    measure_cortical_width,
-    plan,
-    quantize,
-    render,
-)
-from src.phantom_anatomy import Field, Patient, Visit, acquire, draw_anatomy
+from src.core.config import PhantomParams, load_params, params_from_dict
+from src.core.errors import BoneHealthError
+from src.phantom import main
+from src.synthetic.generator import MANIFEST_COLUMNS, field_of, generate, plan, quantize, render
+from src.synthetic.measurement import cortex_profile, global_intensity_features, measure_cortical_width
+from src.synthetic.anatomy import Field, Patient, Visit, acquire, draw_anatomy
 
 SMALL = dict(width=512, height=256, patients_per_class=4, followup_fraction=0.5, max_images_per_patient=3)
 
@@ -115,15 +106,14 @@ def test_followups_show_the_same_jaw_in_another_pose(dataset: PhantomParams):
 
 
 def test_dataset_is_accepted_by_prepare_like_real_data(dataset: PhantomParams, tmp_path: Path):
-    from src.prepare import prepare
-    from src.store import PreparedStore
+    from src.data.build_store import prepare
+    from src.artifacts.store import PreparedStore
 
     out = Path(dataset.out)
     params = params_from_dict({
         "data": {"root": str(out), "manifest": str(out / "manifest.csv"),
                  "annotations": str(out / "annotations.json")},
-        "prepare": {"out": str(tmp_path / "prepared"), "mode": "crop"},
-        "train": {"folds": 2},
+        "prepare": {"out": str(tmp_path / "prepared"), "mode": "crop", "folds": 2},
     })
     store = PreparedStore.open(prepare(params))
     rows = {r["file"]: r for r in read_manifest(out)}
@@ -155,7 +145,7 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_differs(tmp_path:
 
 
 def test_a_failed_run_leaves_the_previous_dataset_whole(tmp_path: Path, monkeypatch):
-    import src.phantom as phantom
+    import src.synthetic.generator as phantom
 
     p = small(tmp_path, patients_per_class=2)
     generate(p)

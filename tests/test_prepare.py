@@ -1,4 +1,4 @@
-"""src.preprocess (the one transform shared with inference) and the prepare stage end to end."""
+"""src.data.preprocess (the one transform shared with inference) and the prepare stage end to end."""
 import csv
 import json
 import shutil
@@ -7,17 +7,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from src.cli import run_main
-from src.config import PrepareParams
-from src.dataset import ValidationFailed
-from src.errors import DataError
-from src.imaging import read_image
-from src.prepare import main, prepare
-from src.preprocess import (
+from src.core.cli import run_main
+from src.core.config import PrepareParams
+from src.data.dataset import ValidationFailed
+from src.core.errors import DataError
+from src.data.imaging import read_image
+from src.data.build_store import prepare
+from src.prepare import main
+from src.data.preprocess import (
     crop_geometry, preprocess_image, rolling_ball_background, square_crop, subtract_background, apply_clahe,
 )
-from src.store import MANIFEST_COLUMNS, PreparedStore
+from src.artifacts.store import MANIFEST_COLUMNS, PreparedStore
 from tests.prepare_helpers import H, W, make_dataset, make_params, write_dicom
+from tests.train_helpers import write_params
 
 
 def _prep(**kw) -> dict:
@@ -93,7 +95,7 @@ def test_rolling_ball_removes_smooth_background_keeps_small_detail():
 def test_ball_background_is_skimage_rolling_ball():
     from skimage.restoration import rolling_ball
 
-    from src.preprocess import ball_background
+    from src.data.preprocess import ball_background
 
     img = (np.random.default_rng(1).random((40, 70)) * 200).astype(np.float32)
     for radius in (3, 7.5):
@@ -119,7 +121,9 @@ def _rows(store_dir):
 
 
 def test_prepare_crop_mode_writes_the_contract(tmp_path, phantom, capsys):
-    out = prepare(make_params(phantom, tmp_path / "prepared", folds=2))
+    params_file = write_params(make_params(phantom, tmp_path / "prepared", folds=2), tmp_path / "params.yaml")
+    assert run_main(main, ["--params", params_file]) == 0
+    out = tmp_path / "prepared"
     store = PreparedStore.open(out)
     assert store.images.shape == (16, 16, 16) and store.images.dtype == np.uint8
     assert list(store.manifest.columns) == MANIFEST_COLUMNS
@@ -127,7 +131,7 @@ def test_prepare_crop_mode_writes_the_contract(tmp_path, phantom, capsys):
     assert {k: meta[k] for k in ("mode", "size", "dtype", "classes", "positive_class", "folds", "fold_seed", "n_images")} == {
         "mode": "crop", "size": [16, 16], "dtype": "uint8", "classes": ["C1", "C3"], "positive_class": "C3",
         "folds": 2, "fold_seed": 42, "n_images": 16}
-    from src.fileio import sha256_file
+    from src.core.fileio import sha256_file
     assert meta["manifest_sha256"] == sha256_file(out / "manifest.csv")
     # every patient in exactly one fold, both classes in each fold
     assert store.manifest.groupby("patient")["fold"].nunique().max() == 1
@@ -180,9 +184,12 @@ def test_truncated_png_stops_and_leaves_previous_store_intact(tmp_path, phantom,
     with pytest.raises(ValidationFailed, match=r"1 unreadable image\(s\), e.g. C1/C1P0001_v1.png: cannot decode PNG: "
                        r"truncated or corrupt file"):
         prepare(params)
+    assert run_main(main, ["--params", write_params(params, tmp_path / "params.yaml")]) == 2
     assert (out / "manifest.csv").read_bytes() == before  # the old store, whole
-    assert sorted(p.name for p in out.parent.iterdir()) == ["p", "phantom"]  # no temp leftovers
-    assert "unreadable: 1" in capsys.readouterr().out
+    assert sorted(p.name for p in out.parent.iterdir()) == ["p", "params.yaml", "phantom"]  # no temp leftovers
+    captured = capsys.readouterr()
+    assert "unreadable: 1" in captured.out  # the whole report, then the one-line error
+    assert captured.err.strip().splitlines()[-1].startswith("error: ") and "1 unreadable image(s)" in captured.err
 
 
 def test_bad_files_skipped_and_store_compacted(tmp_path, phantom):
@@ -225,7 +232,7 @@ def test_label_conflict_via_cli_is_one_line_exit_2(tmp_path, phantom, capsys):
     params_file = tmp_path / "params.yaml"
     params_file.write_text(
         f"data:\n  root: {phantom['root']}\n  manifest: {phantom['manifest']}\n  annotations: {phantom['annotations']}\n"
-        f"prepare:\n  out: {tmp_path / 'p'}\n  crop: {{side: 24, reference_width: null, size: 16}}\ntrain:\n  folds: 2\n"
+        f"prepare:\n  out: {tmp_path / 'p'}\n  crop: {{side: 24, reference_width: null, size: 16}}\n  folds: 2\n"
     )
     code = run_main(main, ["--params", str(params_file)])
     err = capsys.readouterr().err.strip().splitlines()

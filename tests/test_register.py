@@ -13,12 +13,13 @@ from mlflow import MlflowClient
 
 from registry_helpers import (expected_probs, make_params, make_pipeline_outputs, radiograph,
                               write_metrics, write_png)
-from src.errors import BoneHealthError
-from src.imaging import read_image
+from src.artifacts.checkpoint import CheckpointMeta
+from src.core.errors import BoneHealthError
+from src.data.imaging import read_image
 from src.promote import main as promote_main
-from src.promote import promote, rollback
-from src.register import register, store_info
-from src.tracking import configure
+from src.serving.promotion import promote, rollback
+from src.serving.registry import register, store_info
+from src.core.tracking import configure
 from tests.train_helpers import write_params
 
 
@@ -91,7 +92,7 @@ def test_model_holds_checkpoints_only_with_signature_and_requirements(registered
     files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
     assert "artifacts/fold_0/model.pt" in files and "artifacts/fold_1/meta.json" in files
     assert not any("test_predictions" in f for f in files)  # patient ids stay out of the model
-    assert "code/src/pyfunc_model.py" in files  # served without a checkout
+    assert "code/src/serving/pyfunc_model.py" in files  # served without a checkout
     reqs = (local / "requirements.txt").read_text().split()
     assert any(r.startswith("torch==") for r in reqs) and any(r.startswith("timm==") for r in reqs)
     info = mlflow.models.get_model_info(result.model_uri)
@@ -142,7 +143,8 @@ def test_crop_mode_model_uses_the_box(tmp_path, store):
     assert "- synthetic_phantom: True" in card and "Trained and evaluated on SYNTHETIC phantom" in card
     assert MlflowClient().get_model_version("crop-model", result.version).tags["manifest_sha256"] == "ab" * 32
     # A store rebuilt after training says so instead of lending the model its counts.
-    other = store_info(params, {"preprocessing": {"manifest_sha256": "ef" * 32}})
+    other = store_info(params, CheckpointMeta(model="m", classes=["C1", "C3"],
+                                              preprocessing={"manifest_sha256": "ef" * 32}))
     assert other["manifest_sha256"] == "ef" * 32 and "changed since training" in other["note"]
     assert "images_per_class" not in other
     model = mlflow.pyfunc.load_model(result.model_uri)
@@ -158,7 +160,7 @@ def test_crop_mode_model_uses_the_box(tmp_path, store):
 
 def test_register_input_errors_are_one_line(tmp_path, store):
     params = make_params(tmp_path, store=store, name="never-complete")
-    with pytest.raises(BoneHealthError, match=r"cv\.json: cross-validation summary .*not found"):
+    with pytest.raises(BoneHealthError, match=r"cv\.json: not found; run `python -m src.train` first"):
         register(params)
     make_pipeline_outputs(params)
     (Path(params.evaluate.out) / "metrics.json").write_text(json.dumps({"oof_sensitivity": 0.7}))
@@ -168,12 +170,12 @@ def test_register_input_errors_are_one_line(tmp_path, store):
     with pytest.raises(BoneHealthError, match=r"prepared/images\.npy: prepared store incomplete"):
         register(params, strategy="refit")  # a refit trains on the prepared store
     (Path(params.train.out) / "fold_1" / "model.pt").unlink()
-    with pytest.raises(BoneHealthError, match=r"fold_1/model\.pt: fold checkpoint missing"):
+    with pytest.raises(BoneHealthError, match=r"fold_1: fold checkpoint incomplete \(model\.pt \+ meta\.json\)"):
         register(params)
 
 
 def test_refit_registers_one_model_trained_on_all_data(tmp_path, store):
-    from src.pyfunc_model import checkpoint_dirs
+    from src.artifacts.model_ref import checkpoint_dirs
     from train_helpers import make_tiny_store
 
     params = make_params(tmp_path, store=store, name="refit-model")
@@ -209,7 +211,7 @@ def test_register_refuses_a_parent_run_missing_from_the_store(tmp_path, store):
     cv = json.loads(cv_path.read_text())
     cv["parent_run_id"] = "0" * 32
     cv_path.write_text(json.dumps(cv))
-    with pytest.raises(BoneHealthError, match=r"parent run 0{32} is not in the tracking store"):
+    with pytest.raises(BoneHealthError, match=r"parent run 0{32} is not in the MLflow store"):
         register(params)
 
 
@@ -278,8 +280,8 @@ def test_promote_gate_force_and_rollback(tmp_path, store, capsys):
 
 
 def test_gate_min_gain_and_minimize(tmp_path):
-    from src.config import GateParams
-    from src.promote import gate_decision
+    from src.core.config import GateParams
+    from src.serving.promotion import gate_decision
 
     champ = {"oof_roc_auc": 0.80, "oof_sensitivity": 0.80, "oof_brier": 0.20}
     assert not gate_decision({"oof_roc_auc": 0.80, "oof_sensitivity": 0.80}, champ, GateParams()).promote  # a tie

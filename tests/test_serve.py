@@ -19,8 +19,8 @@ import pytest
 
 from registry_helpers import make_params, make_pipeline_outputs, radiograph, write_dicom, write_png
 from servers import free_port, stop_group, wait_http
-from src.predict import load_ensemble, predict_files
-from src.register import register
+from src.serving.inference import load_ensemble, predict_files
+from src.serving.registry import register
 
 STARTUP_S = 180  # two loaded cores: importing torch + mlflow in the server can take a while
 

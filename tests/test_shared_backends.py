@@ -11,8 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from src import tune
-from src.config import with_values
+from src.tuning import study as tuning_study
+from src.core.config import with_values
 from tests.servers import mlflow_server, postgres_server
 from tests.train_helpers import make_tiny_store, tiny_params, write_params
 
@@ -37,7 +37,7 @@ def test_two_tune_workers_on_postgresql_add_up(tmp_path, store):
                  "--n-trials", str(n_trials), "--n-workers", str(n_workers)],
                 cwd=ROOT, capture_output=True, text=True, timeout=600)
             assert out.returncode == 0, out.stdout + out.stderr
-        study = tune.open_study(params, url)
+        study = tuning_study.open_study(params, url)
         trials = study.get_trials()
         assert len(trials) == 4
         assert all(t.state == TrialState.COMPLETE for t in trials)

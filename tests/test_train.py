@@ -14,14 +14,18 @@ import pandas as pd
 import pytest
 import torch
 
-from src.augment import augment_batch, build_augment
-from src.cli import run_main
-from src.config import AugmentParams
-from src.errors import BoneHealthError
-from src.models import load_checkpoint, predict_proba
-from src.store import PreparedStore
-from src.train import CV_FILE, STATE_FILE, main as train_main, run_cv
-from src.trainer import fold_split, select_device, train_all, train_fold
+from src.data.augment import augment_batch, build_augment
+from src.core.cli import run_main
+from src.core.config import AugmentParams
+from src.core.errors import BoneHealthError
+from src.model.factory import load_checkpoint, predict_proba
+from src.artifacts.store import PreparedStore
+from src.artifacts.cv_run import CV_FILE, STATE_FILE
+from src.core.runtime import select_device
+from src.data.splits import fold_split
+from src.model.cross_validation import run_cv
+from src.model.fit import train_all, train_fold
+from src.train import main as train_main
 from tests.train_helpers import make_tiny_store, tiny_params, write_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,8 +94,8 @@ def test_train_fold_outputs_checkpoint_and_is_seeded(tmp_path):
 
     # The checkpoint rebuilds through the shared inference path and gives the same predictions.
     model, meta = load_checkpoint(tmp_path / "a")
-    assert meta["classes"] == ["C1", "C3"] and meta["fold"] == 1 and meta["best_epoch"] == res.best_epoch
-    assert meta["input_size"] == [32, 32] and meta["preprocessing"]["mode"] == "crop"
+    assert meta.classes == ["C1", "C3"] and meta.fold == 1 and meta.best_epoch == res.best_epoch
+    assert meta.input_size == [32, 32] and meta.mode == "crop"
     again = predict_proba(model, np.asarray(store.images[preds["index"].to_numpy()]), meta)
     assert np.allclose(again, preds[["prob_C1", "prob_C3"]].to_numpy(), atol=1e-5)
 
@@ -121,7 +125,7 @@ def test_train_all_refits_on_every_image_for_fixed_epochs(tmp_path):
     assert len(res.history) == 2 and res.best_epoch == 2  # no validation: the last epoch is kept
     assert res.split_sizes == {"train": 12, "val": 0, "test": 0} and res.test_predictions.empty
     model, meta = load_checkpoint(tmp_path / "all")
-    assert meta["fold"] is None and meta["trained_on"] == "all" and meta["best_epoch"] == 2
+    assert meta.fold is None and meta.extra["trained_on"] == "all" and meta.best_epoch == 2
 
 
 def test_epoch_callback_exception_stops_and_writes_nothing(tmp_path):
@@ -140,7 +144,7 @@ def test_epoch_callback_exception_stops_and_writes_nothing(tmp_path):
 
 
 def test_too_small_inner_split_is_a_one_line_data_error(tmp_path):
-    from src.errors import DataError
+    from src.core.errors import DataError
 
     store = PreparedStore.open(make_tiny_store(tmp_path / "s", n_per_class=3, folds=3))
     with pytest.raises(DataError, match=r"train.val_fraction=0.25: .*too small"):
@@ -157,12 +161,12 @@ def test_device_selection():
             select_device("cuda")
 
 
-def test_cli_rejects_fold_count_mismatch(tmp_path, capsys):
+def test_fold_count_is_the_stores_and_the_old_key_says_where_it_went(tmp_path, capsys):
     root = make_tiny_store(tmp_path / "s", n_per_class=6, folds=2)
     pfile = write_params(tiny_params(tmp_path, root), tmp_path / "params.yaml")
     assert run_main(train_main, ["--params", str(pfile), "--set", "train.folds=4"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "train.folds: 4" in err[0] and "has 2 folds" in err[0]
+    assert len(err) == 1 and "'train.folds'" in err[0] and "moved to prepare.folds" in err[0]
 
 
 # ----------------------------------------------------------------------------- CV + MLflow
@@ -187,8 +191,8 @@ def test_mlflow_structure_one_parent_k_children(binary_cv):
     tmp, params, cv = binary_cv
     mlflow.set_tracking_uri(params.mlflow.tracking_uri)
     runs = mlflow.search_runs(experiment_names=["tiny"], output_format="pandas")
-    parent = runs[runs["run_id"] == cv["parent_run_id"]].iloc[0]
-    children = runs[runs["tags.mlflow.parentRunId"] == cv["parent_run_id"]]
+    parent = runs[runs["run_id"] == cv.parent_run_id].iloc[0]
+    children = runs[runs["tags.mlflow.parentRunId"] == cv.parent_run_id]
     assert len(runs) == 4 and len(children) == 3
     assert set(children["status"]) == {"FINISHED"} and parent["status"] == "FINISHED"
     assert parent["tags.mlflow.runName"] == "test_efficientnet_tiny_crop32_b8_e2"
@@ -199,9 +203,9 @@ def test_mlflow_structure_one_parent_k_children(binary_cv):
     assert 0.0 <= parent["metrics.cv_oof_roc_auc"] <= 1.0 and parent["metrics.cv_folds_finished"] == 3
 
     client = MlflowClient()
-    assert cv["status"] == "FINISHED" and cv["folds"] == 3
-    assert set(cv["fold_run_ids"]) == {"0", "1", "2"} and set(cv["fold_run_ids"].values()) == set(children["run_id"])
-    for k, run_id in cv["fold_run_ids"].items():
+    assert cv.status == "FINISHED" and cv.folds == 3
+    assert set(cv.fold_run_ids) == {"0", "1", "2"} and set(cv.fold_run_ids.values()) == set(children["run_id"])
+    for k, run_id in cv.fold_run_ids.items():
         for name in EPOCH_METRICS:
             assert [m.step for m in client.get_metric_history(run_id, name)] == [1, 2], name
         run = client.get_run(run_id)
@@ -250,21 +254,21 @@ def test_resume_after_kill_mid_fold(tmp_path):
     cv = run_cv(params)  # the rerun
 
     client = MlflowClient(tracking_uri=params.mlflow.tracking_uri)
-    assert cv["status"] == "FINISHED" and cv["parent_run_id"] == state["parent_run_id"]
-    assert cv["fold_run_ids"]["0"] == fold0_run  # finished fold reused, not retrained
+    assert cv.status == "FINISHED" and cv.parent_run_id == state["parent_run_id"]
+    assert cv.fold_run_ids["0"] == fold0_run  # finished fold reused, not retrained
     assert (out / "fold_0" / "model.pt").stat().st_mtime_ns == fold0_mtime
     assert client.get_run(killed_run).info.status == "KILLED"
-    assert killed_run not in cv["fold_run_ids"].values()
-    children = client.search_runs([client.get_run(cv["parent_run_id"]).info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{cv['parent_run_id']}'")
+    assert killed_run not in cv.fold_run_ids.values()
+    children = client.search_runs([client.get_run(cv.parent_run_id).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{cv.parent_run_id}'")
     statuses = sorted(r.info.status for r in children)
     assert statuses == ["FINISHED", "FINISHED", "KILLED"]
-    assert client.get_run(cv["parent_run_id"]).data.metrics["cv_folds_finished"] == 2
+    assert client.get_run(cv.parent_run_id).data.metrics["cv_folds_finished"] == 2
     assert all((out / f"fold_{k}" / "test_predictions.csv").is_file() for k in range(2))
 
 
 def test_three_classes_end_to_end(tmp_path):
-    from src.evaluate import evaluate
+    from src.evaluation.report import evaluate
 
     root = make_tiny_store(tmp_path / "s", n_per_class=9, folds=3, classes=("C1", "C2", "C3"))
     params = tiny_params(tmp_path, root, epochs=2)
@@ -281,4 +285,4 @@ def test_three_classes_end_to_end(tmp_path):
     table = pd.read_csv(Path(params.evaluate.out) / "per_class_metrics.csv")
     assert list(table["class"]) == ["C1", "C2", "C3"]
     assert {"class_C1_roc_auc", "class_C3_roc_auc", "oof_sensitivity"} <= set(metrics)
-    assert cv["status"] == "FINISHED"
+    assert cv.status == "FINISHED"

@@ -15,8 +15,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from src.core import params_file
+from src.tuning import pruners
+from src.tuning import search
+from src.tuning import study as tuning_study
 from src import tune
-from src.config import load_params, params_from_dict, with_values
+from src.core.config import load_params, params_from_dict, with_values
 from tests.train_helpers import make_tiny_store, tiny_params, write_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,15 +61,15 @@ def test_space_entries_are_validated(tmp_path, store):
 
 def test_study_prunes_a_bad_trial_logs_mlflow_and_resumes(tmp_path, store):
     params = with_values(tune_params(tmp_path, store), {"train.epochs": 4})
-    url = tune.storage_url(params)
-    study = tune.open_study(params, url)
+    url = tuning_study.storage_url(params)
+    study = tuning_study.open_study(params, url)
     # Two sensible trials, then one that cannot learn (lr 1e-9): the median pruner stops it after fold 0.
     for lr in (0.01, 0.01, 1.0e-9):
         study.enqueue_trial({"train.lr": lr})
-    parent = tune.study_parent_run(params, url)
-    tune.run_worker(params, url, target=3, deadline=None, parent_id=parent)
+    parent = search.study_parent_run(params, url)
+    search.run_worker(params, url, target=3, deadline=None, parent_id=parent)
 
-    study = tune.open_study(params, url)
+    study = tuning_study.open_study(params, url)
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
     assert trials[2].user_attrs["folds_trained"] < store_folds(store)
@@ -75,10 +79,10 @@ def test_study_prunes_a_bad_trial_logs_mlflow_and_resumes(tmp_path, store):
         trained = t.user_attrs["fold_order"][:t.user_attrs["folds_trained"]]
         assert sorted(trained) == sorted(t.intermediate_values)
 
-    out = tune.write_outputs(params, study, parent)
+    out = search.write_outputs(params, study, parent)
     fragment = yaml.safe_load(out.read_text())
     assert fragment == {"train": {"lr": 0.01}}
-    merged = tune._merge(params.model_dump(mode="json"), fragment)
+    merged = params_file.merge_fragment(params.model_dump(mode="json"), fragment)
     assert params_from_dict(merged).train.lr == 0.01
 
     runs = child_runs(params, parent)
@@ -98,23 +102,23 @@ def test_study_prunes_a_bad_trial_logs_mlflow_and_resumes(tmp_path, store):
 
     # the same command again continues the same study and adds trials to it
     params2 = with_values(params, {"tune.n_trials": 1})
-    tune.run_worker(params2, url, target=tune.count_counted(study) + 1, deadline=None, parent_id=parent)
-    assert len(tune.open_study(params, url).get_trials()) == 4
-    assert tune.study_parent_run(params, url) == parent  # one parent run per study
+    search.run_worker(params2, url, target=tuning_study.count_counted(study) + 1, deadline=None, parent_id=parent)
+    assert len(tuning_study.open_study(params, url).get_trials()) == 4
+    assert search.study_parent_run(params, url) == parent  # one parent run per study
 
 
 def test_each_trial_trains_its_folds_in_its_own_reproducible_order(tmp_path, store):
     assert load_params(ROOT / "params.yaml").tune.shuffle_folds  # shipped on
     params = tune_params(tmp_path, store, pruner="wilcoxon")
-    orders = [tune.fold_order(params, n, 5) for n in range(8)]
+    orders = [search.fold_order(params, n, 5) for n in range(8)]
     assert all(sorted(order) == list(range(5)) for order in orders)
     assert len({tuple(order) for order in orders}) > 1  # not one order for every trial
-    assert orders == [tune.fold_order(params, n, 5) for n in range(8)]  # reproducible from the seed
+    assert orders == [search.fold_order(params, n, 5) for n in range(8)]  # reproducible from the seed
     other_seed = with_values(params, {"tune.sampler_seed": 1})
-    assert [tune.fold_order(other_seed, n, 5) for n in range(8)] != orders
-    assert tune.fold_order(with_values(params, {"tune.shuffle_folds": False}), 3, 5) == [0, 1, 2, 3, 4]
+    assert [search.fold_order(other_seed, n, 5) for n in range(8)] != orders
+    assert search.fold_order(with_values(params, {"tune.shuffle_folds": False}), 3, 5) == [0, 1, 2, 3, 4]
     # the median pruner reads steps as progress: folds in order whatever shuffle_folds says
-    assert tune.fold_order(with_values(params, {"tune.pruner": "median"}), 3, 5) == [0, 1, 2, 3, 4]
+    assert search.fold_order(with_values(params, {"tune.pruner": "median"}), 3, 5) == [0, 1, 2, 3, 4]
 
 
 def add_complete(study, folds: list[float]) -> None:
@@ -142,7 +146,7 @@ def test_median_pruner_waits_for_its_own_startup_trials_not_the_samplers(tmp_pat
     # TPE samples 10 trials at random; the pruner must still start after 3 completed trials
     params = tune_params(tmp_path, store, pruner="median", n_startup_trials=10, pruner_startup_trials=3,
                          pruner_startup_steps=1)
-    study = tune.open_study(params, tune.storage_url(params))
+    study = tuning_study.open_study(params, tuning_study.storage_url(params))
     for _ in range(2):
         add_complete(study, [0.9, 0.9, 0.9])
     assert prune_decisions(study, [0.1, 0.1]) == [False, False]  # 2 completed: too few
@@ -155,24 +159,24 @@ def test_default_wilcoxon_stops_a_trial_that_lost_its_first_two_folds(tmp_path, 
     assert shipped.pruner == "wilcoxon"
     params = tune_params(tmp_path, store, pruner="wilcoxon", pruner_p_threshold=shipped.pruner_p_threshold,
                          pruner_startup_steps=shipped.pruner_startup_steps)
-    study = tune.open_study(params, tune.storage_url(params))
+    study = tuning_study.open_study(params, tuning_study.storage_url(params))
     add_complete(study, [0.8, 0.7, 0.9, 0.8, 0.75])
     # 2 lost folds of 2: one-sided p = 0.25 < 0.3, so it stops with 3 of 5 folds saved
     assert prune_decisions(study, [0.6, 0.5]) == [False, True]
     # one fold lost, one won: no evidence, it goes on
     assert prune_decisions(study, [0.6, 0.9, 0.7]) == [False, False, False]
     # the old threshold 0.2 could not stop the same trial before its 3rd fold
-    strict = tune.open_study(with_values(params, {"tune.pruner_p_threshold": 0.2}), tune.storage_url(params))
+    strict = tuning_study.open_study(with_values(params, {"tune.pruner_p_threshold": 0.2}), tuning_study.storage_url(params))
     assert prune_decisions(strict, [0.6, 0.5, 0.7]) == [False, False, True]
 
 
 def test_unreachable_bound_is_exact():
     # (0.8 + 4 x 1.0) / 5 = 0.96: below a best of 0.97, not below 0.96 (a tie could still win)
-    assert tune.unreachable([0.8], 5, best=0.97)
-    assert not tune.unreachable([0.8], 5, best=0.96)
-    assert not tune.unreachable([0.8, float("nan")], 5, best=0.99)  # NaN folds: the mean is not a plain sum
-    assert not tune.unreachable([0.1] * 5, 5, best=0.99)  # every fold done: nothing left to save
-    assert not tune.unreachable([], 5, best=0.99)
+    assert pruners.unreachable([0.8], 5, best=0.97)
+    assert not pruners.unreachable([0.8], 5, best=0.96)
+    assert not pruners.unreachable([0.8, float("nan")], 5, best=0.99)  # NaN folds: the mean is not a plain sum
+    assert not pruners.unreachable([0.1] * 5, 5, best=0.99)  # every fold done: nothing left to save
+    assert not pruners.unreachable([], 5, best=0.99)
 
 
 def test_a_trial_that_cannot_beat_the_best_stops_at_once(tmp_path, store):
@@ -180,13 +184,13 @@ def test_a_trial_that_cannot_beat_the_best_stops_at_once(tmp_path, store):
     assert shipped.prune_unreachable
     params = tune_params(tmp_path, store, pruner="wilcoxon", pruner_p_threshold=shipped.pruner_p_threshold,
                          pruner_startup_steps=shipped.pruner_startup_steps)
-    study = tune.open_study(params, tune.storage_url(params))
+    study = tuning_study.open_study(params, tuning_study.storage_url(params))
     add_complete(study, [0.99, 0.98, 1.0, 0.99, 0.99])  # best mean 0.99
     # 0.9 then four perfect folds would give 0.98: stopped after one fold, before Wilcoxon may speak
     assert prune_decisions(study, [0.9], n_folds=5) == [True]
     # 0.97 could still reach 0.994: only the statistics decide, and one fold is too few for them
     assert prune_decisions(study, [0.97], n_folds=5) == [False]
-    off = tune.open_study(with_values(params, {"tune.prune_unreachable": False}), tune.storage_url(params))
+    off = tuning_study.open_study(with_values(params, {"tune.prune_unreachable": False}), tuning_study.storage_url(params))
     assert prune_decisions(off, [0.9], n_folds=5) == [False]
 
 
@@ -198,7 +202,7 @@ def test_unreachable_bound_never_stops_the_trial_that_would_have_won():
     rng = np.random.default_rng(0)
     for _ in range(40):
         scores = np.clip(rng.normal(rng.uniform(0.6, 0.95, (20, 1)), 0.08, (20, 5)), 0, 1)
-        study = optuna.create_study(direction="maximize", pruner=tune.UnreachablePruner(optuna.pruners.NopPruner()))
+        study = optuna.create_study(direction="maximize", pruner=pruners.UnreachablePruner(optuna.pruners.NopPruner()))
         stopped = 0
         for row in scores:
             trial = study.ask()
@@ -220,16 +224,16 @@ def test_no_pruning_after_the_last_fold(tmp_path, store):
     # trial must complete with all folds rather than be thrown away as pruned
     n = store_folds(store)
     params = tune_params(tmp_path, store, n_trials=2, pruner_startup_trials=1, pruner_startup_steps=n)
-    url = tune.storage_url(params)
-    study = tune.open_study(params, url)
+    url = tuning_study.storage_url(params)
+    study = tuning_study.open_study(params, url)
     for lr in (0.01, 1.0e-9):
         study.enqueue_trial({"train.lr": lr})
-    tune.run_worker(params, url, target=2, deadline=None, parent_id=tune.study_parent_run(params, url))
-    study = tune.open_study(params, url)
+    search.run_worker(params, url, target=2, deadline=None, parent_id=search.study_parent_run(params, url))
+    study = tuning_study.open_study(params, url)
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
     assert [t.user_attrs["folds_trained"] for t in trials] == [n, n]
-    assert tune.make_pruner(params).prune(study, trials[1])  # it would have been pruned
+    assert pruners.make_pruner(params).prune(study, trials[1])  # it would have been pruned
 
 
 def store_folds(store) -> int:
@@ -240,17 +244,17 @@ def store_folds(store) -> int:
 
 def test_stale_trial_is_failed_and_requeued(tmp_path, store):
     params = tune_params(tmp_path, store)
-    url = tune.storage_url(params)
-    study = tune.open_study(params, url)
+    url = tuning_study.storage_url(params)
+    study = tuning_study.open_study(params, url)
     trial = study.ask({"train.lr": __import__("optuna").distributions.CategoricalDistribution([0.01, 1e-9])})
-    study._storage.set_trial_user_attr(trial._trial_id, tune.HEARTBEAT_ATTR, time.time())
-    assert tune.recover_stale_trials(study, grace=60, max_retry=1) == []  # alive: left alone
-    assert tune.recover_stale_trials(study, grace=60, max_retry=1, now=time.time() + 120) == [trial.number]
+    study._storage.set_trial_user_attr(trial._trial_id, tuning_study.HEARTBEAT_ATTR, time.time())
+    assert tuning_study.recover_stale_trials(study, grace=60, max_retry=1) == []  # alive: left alone
+    assert tuning_study.recover_stale_trials(study, grace=60, max_retry=1, now=time.time() + 120) == [trial.number]
     frozen = study.get_trials()
-    assert frozen[0].state == TrialState.FAIL and frozen[0].user_attrs[tune.RETRIED_ATTR] is True
+    assert frozen[0].state == TrialState.FAIL and frozen[0].user_attrs[tuning_study.RETRIED_ATTR] is True
     assert frozen[1].state == TrialState.WAITING and frozen[1].user_attrs["retry_of"] == trial.number
     assert frozen[1].params == {} or frozen[1].system_attrs.get("fixed_params") == frozen[0].params
-    assert tune.count_counted(study) == 0  # the failed-and-retried trial does not count
+    assert tuning_study.count_counted(study) == 0  # the failed-and-retried trial does not count
 
 
 def run_cli(args, cwd=ROOT, env=None, **kw):
@@ -266,14 +270,14 @@ def test_two_workers_share_a_journal_and_run_exactly_n_trials(tmp_path, store):
                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
-    study = tune.open_study(params, tune.storage_url(params))
+    study = tuning_study.open_study(params, tuning_study.storage_url(params))
     trials = study.get_trials()
     assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
     assert sorted(t.number for t in trials) == [0, 1, 2, 3]
     assert len({t.user_attrs.get("worker_pid") for t in trials}) >= 1
     assert (tmp_path / "tune" / "best_params.yaml").is_file()
     assert "dvc exp run -S train.lr=" in out
-    assert len(child_runs(params, tune.study_parent_run(params, tune.storage_url(params)))) == 4
+    assert len(child_runs(params, search.study_parent_run(params, tuning_study.storage_url(params)))) == 4
 
 
 def test_killed_worker_trial_is_retried_not_lost(tmp_path, store):
@@ -282,13 +286,13 @@ def test_killed_worker_trial_is_retried_not_lost(tmp_path, store):
     params = with_values(params, {"train.epochs": 30})  # long enough to be killed mid-trial
     path = write_params(params, tmp_path / "params.yaml")
     proc = run_cli(["--params", str(path), "--n-trials", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = tune.storage_url(params)
+    url = tuning_study.storage_url(params)
     deadline = time.time() + 300
     running = []
     while time.time() < deadline and not running:
         time.sleep(1)
         if Path(url.removeprefix("journal:///")).exists():
-            running = [t for t in tune.open_study(params, url).get_trials(states=(TrialState.RUNNING,))
+            running = [t for t in tuning_study.open_study(params, url).get_trials(states=(TrialState.RUNNING,))
                        if t.params]  # sampled: it is training now
     assert running, "the worker never started a trial"
     killed = running[0]
@@ -302,7 +306,7 @@ def test_killed_worker_trial_is_retried_not_lost(tmp_path, store):
                    text=True)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
-    trials = tune.open_study(params, url).get_trials()
+    trials = tuning_study.open_study(params, url).get_trials()
     assert trials[killed.number].state == TrialState.FAIL
     retry = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
@@ -311,17 +315,17 @@ def test_killed_worker_trial_is_retried_not_lost(tmp_path, store):
 
 def test_apply_writes_best_params_into_params_file_keeping_comments(tmp_path, store):
     params = tune_params(tmp_path, store, pruner="none")
-    url = tune.storage_url(params)
-    study = tune.open_study(params, url)
+    url = tuning_study.storage_url(params)
+    study = tuning_study.open_study(params, url)
     study.enqueue_trial({"train.lr": 0.01})
-    parent = tune.study_parent_run(params, url)
-    tune.run_worker(params, url, target=1, deadline=None, parent_id=parent)
+    parent = search.study_parent_run(params, url)
+    search.run_worker(params, url, target=1, deadline=None, parent_id=parent)
 
     text = (ROOT / "params.yaml").read_text()
     path = tmp_path / "params.yaml"
     # the repo's commented params.yaml, pointed at the tiny store and tmp dirs
     path.write_text(text)
-    tune.apply_to_params_file(path, {"train": {"lr": 0.0123}})
+    params_file.apply_to_params_file(path, {"train": {"lr": 0.0123}})
     written = path.read_text()
     assert "lr: 0.0123" in written
     assert "# bone-health: every setting lives here" in written  # comments survive
@@ -329,7 +333,7 @@ def test_apply_writes_best_params_into_params_file_keeping_comments(tmp_path, st
 
 
 def test_tune_refuses_torchrun_with_one_line(tmp_path, store, monkeypatch, capsys):
-    from src.cli import run_main
+    from src.core.cli import run_main
 
     pfile = write_params(tune_params(tmp_path, store), tmp_path / "params.yaml")
     monkeypatch.setenv("RANK", "0")

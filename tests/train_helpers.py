@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from src.config import Params, params_from_dict
-from src.fileio import sha256_file
+from src.core.config import Params, params_from_dict
+from src.core.fileio import sha256_file
 
 TINY_MODEL = "test_efficientnet"
 
@@ -97,7 +97,7 @@ def tiny_params(tmp_path: str | Path, store: str | Path, **train: Any) -> Params
     store = Path(store)
     meta = json.loads((store / "meta.json").read_text())
     train_cfg = {
-        "out": str(tmp_path / "models"), "folds": meta["folds"], "model": TINY_MODEL, "epochs": 2,
+        "out": str(tmp_path / "models"), "model": TINY_MODEL, "epochs": 2,
         "batch_size": 8, "lr": 0.01, "scheduler": "none", "early_stopping_patience": 0,
         "channels_last": False, "device": "cpu", "val_fraction": 0.25, "drop_rate": 0.0,
         # One thread: the tiny model gains nothing from more, and on a shared CPU extra
@@ -107,7 +107,7 @@ def tiny_params(tmp_path: str | Path, store: str | Path, **train: Any) -> Params
     train_cfg.update(train)
     raw = {
         "data": {"positive_class": meta["positive_class"], "name": "tiny"},
-        "prepare": {"out": str(store)},
+        "prepare": {"out": str(store), "folds": meta["folds"]},
         "train": train_cfg,
         "evaluate": {"out": str(tmp_path / "reports"), "bootstrap": 200},
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",

@@ -1,0 +1,25 @@
+"""Shared entry-point plumbing: every stage's `main` runs through `run_main`."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from src.core.errors import BoneHealthError
+from src.core.logs import setup_logging
+from src.core.runtime import offline_defaults
+
+
+def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run a stage's main with the process defaults (offline, console logging); a
+    BoneHealthError becomes one line on stderr and exit status 2."""
+    offline_defaults()
+    setup_logging()
+    try:
+        code = main(argv)
+    except BoneHealthError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
