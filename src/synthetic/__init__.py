@@ -1,0 +1,2 @@
+"""The embedded default dataset: a panoramic phantom whose class signal sits in the inferior
+mandibular cortex (anatomy, generator, pixel measurement, example figure).  Imports src.core."""
