@@ -8,7 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE ?= 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test install postgres ui server bench lock clean
+.PHONY: repro test test-fast params install postgres ui server bench lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ repro: $(STAMP)
 
 test: $(STAMP) postgres
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The edit-test loop: everything but the tests marked slow (servers, several processes, kills).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# params.yaml is rendered from the schema (src/core/config.py): defaults and their comments live there.
+params: $(STAMP)
+	$(BIN)/python -m src.core.params_file --write params.yaml
 
 # The shared-storage tests start a real PostgreSQL; install Debian's server when it is missing.
 # Best effort: without it those tests skip and say why.

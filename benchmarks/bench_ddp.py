@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_train import synthetic_store  # noqa: E402
 from src.model import distributed  # noqa: E402
 from src.data.augment import build_augment  # noqa: E402
-from src.core.config import add_params_args, params_from_args  # noqa: E402
+from src.core.config import add_params_args, params_files, params_from_args  # noqa: E402
 from src.artifacts.store import PreparedStore  # noqa: E402
 from src.data.batches import BatchSource, batches_of  # noqa: E402
 from src.model.engine import build_engine, run_epoch  # noqa: E402
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     size = args.size or cfg.image_size or params.prepare.crop.size
-    passthrough = ["--params", args.params] + [a for o in args.overrides for a in ("--set", o)]
+    passthrough = [a for p in params_files(args) for a in ("--params", p)] + [a for o in args.overrides for a in ("--set", o)]
     with tempfile.TemporaryDirectory(prefix="bench_ddp_") as tmp:
         synthetic_store(Path(tmp), max(128, cfg.batch_size * (args.batches + 2)), size)
         script = [str(Path(__file__).resolve()), "--worker", tmp, "--batches", str(args.batches), *passthrough]

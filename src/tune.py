@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 
 from src.artifacts.store import PreparedStore
 from src.core.cli import run_main
-from src.core.config import Params, add_params_args, flatten, params_from_args, with_values
+from src.core.config import Params, add_params_args, flatten, params_files, params_from_args, with_values
 from src.core.errors import BoneHealthError
 from src.core.params_file import apply_to_params_file, dvc_command
 from src.model.distributed import launched_by_torchrun
@@ -60,7 +60,9 @@ def resolve(args: argparse.Namespace) -> Params:
 
 
 def spawn_workers(args: argparse.Namespace, params: Params, target: int, parent_id: str, deadline: float | None) -> None:
-    cmd = [sys.executable, "-m", "src.tune", "--params", args.params]
+    cmd = [sys.executable, "-m", "src.tune"]
+    for path in params_files(args):
+        cmd += ["--params", path]
     for item in args.overrides:
         cmd += ["--set", item]
     cmd += ["--study-name", params.tune.study_name, "--storage", storage_url(params),
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None:
         fragment = best_fragment(study)
         print(f"best parameters: {out}\n  try them: {dvc_command(fragment)}\n"
-              f"  or keep them: python -m src.tune --apply --study-name {params.tune.study_name}  (edits {args.params})")
+              f"  or keep them: python -m src.tune --apply --study-name {params.tune.study_name}  (edits {params_files(args)[-1]})")
     return 0
 
 
@@ -125,8 +127,9 @@ def apply_best(args: argparse.Namespace, params: Params, study, parent_id: str) 
     if write_outputs(params, study, parent_id) is None:
         raise BoneHealthError(f"tune: study {params.tune.study_name!r} has no completed trial to apply")
     fragment = best_fragment(study)
-    apply_to_params_file(args.params, fragment)
-    print(f"applied trial {study.best_trial.number} to {args.params}: {flatten(fragment)}")
+    target = params_files(args)[-1]  # the file that wins: a value written anywhere else would be overridden
+    apply_to_params_file(target, fragment)
+    print(f"applied trial {study.best_trial.number} to {target}: {flatten(fragment)}")
     return 0
 
 

@@ -1,10 +1,14 @@
 """params.yaml loading: defaults validate, overrides apply, and every mistake is one clear line."""
+import argparse
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
-from src.core.config import Params, ParamsError, flatten, load_params, parse_override
+from src.core.config import (DEFAULT_PARAMS, Params, ParamsError, add_params_args, apply_overrides, flatten, load_params,
+                             params_from_args, params_from_dict, parse_override)
+from src.core.params_file import dvc_command, render_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,10 +109,50 @@ def test_flatten_gives_dotted_keys():
     assert "train" not in flat
 
 
-def test_schema_defaults_are_the_params_yaml_values():
-    """params.yaml is the one place settings live: the code's defaults must not drift from it."""
-    ours = flatten(load_params(ROOT / "params.yaml"))
-    schema = flatten(Params())
-    drift = {k: (schema.get(k), v) for k, v in ours.items()
-             if not k.startswith("tune.space") and schema.get(k) != v}
-    assert drift == {}
+def test_params_yaml_is_rendered_from_the_schema():
+    """One source of truth: the schema's defaults and descriptions make params.yaml (`make params`),
+    so a default cannot drift between the code and the shipped file."""
+    shipped = (ROOT / "params.yaml").read_text()
+    assert shipped == render_defaults(), (
+        "params.yaml differs from src/core/config.py's defaults: change the default in the schema and run "
+        "`make params`; a setting for your own runs belongs in an overlay (--params params.yaml --params mine.yaml)")
+    assert load_params(ROOT / "params.yaml") == Params()
+    assert "# K of the K-fold CV" in shipped  # the descriptions are the comments
+
+
+def test_overlays_layer_key_by_key_and_errors_name_their_file(tmp_path):
+    base = ROOT / "params.yaml"
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("train:\n  lr: 0.01\n  augment: {strength: 1.5}\n")
+    params = load_params([base, overlay], ["train.epochs=3"])
+    assert (params.train.lr, params.train.augment.strength, params.train.epochs) == (0.01, 1.5, 3)
+    assert params.train.augment.vflip == Params().train.augment.vflip  # the rest of the section stays
+    assert params.train.model == Params().train.model
+    overlay.write_text("train:\n  lrr: 0.01\n")
+    with pytest.raises(ParamsError, match=r"overlay\.yaml: unknown key 'train\.lrr' \(did you mean 'lr'\?\)"):
+        load_params([base, overlay])
+    # the CLI spelling: --params repeated, later files win
+    parser = add_params_args(argparse.ArgumentParser())
+    overlay.write_text("train:\n  lr: 0.02\n")
+    args = parser.parse_args(["--params", str(base), "--params", str(overlay), "--set", "train.seed=7"])
+    assert params_from_args(args).train.lr == 0.02 and params_from_args(args).train.seed == 7
+    assert params_from_args(parser.parse_args([])) == load_params(DEFAULT_PARAMS)
+
+
+@pytest.mark.parametrize("profile", sorted((ROOT / "params").glob("*.yaml")), ids=lambda p: p.name)
+def test_gpu_profiles_are_overlays_and_become_dvc_experiments(profile):
+    fragment = yaml.safe_load(profile.read_text())
+    params = load_params([ROOT / "params.yaml", profile])
+    assert params.train.device == "auto" and params.prepare.out != Params().prepare.out
+    # `dvc exp run -S ...` sets exactly the overlay's values (quoted for the shell, read back as YAML)
+    words = shlex.split(dvc_command(fragment))
+    assert words[:3] == ["dvc", "exp", "run"]
+    pairs = [parse_override(w) for flag, w in zip(words[3::2], words[4::2]) if flag == "-S"]
+    assert len(pairs) == len(flatten(fragment))
+    got = params_from_dict(apply_overrides(Params().model_dump(mode="json"), words[4::2]))
+    assert got == params
+
+
+def test_a_moved_key_says_where_it_went(tmp_path):
+    with pytest.raises(ParamsError, match=r"key 'train\.folds' moved to prepare\.folds"):
+        load_params(write(tmp_path, {"train": {"folds": 5}}))

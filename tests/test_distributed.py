@@ -93,6 +93,7 @@ def test_sync_batchnorm_keeps_timm_activations():
 
 
 # ----------------------------------------------------------------------------- DDP
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path):
     root = make_tiny_store(tmp_path / "s", n_per_class=12, folds=2)
     # batch 5 over 2 processes: uneven shards (3 + 2) and class weights test the loss normaliser.
@@ -129,6 +130,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
     assert cv_two["metrics"]["cv_oof_roc_auc"] == pytest.approx(cv_one.metrics["cv_oof_roc_auc"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_torchrun_with_batchnorm_logs_once_from_rank_zero(tmp_path):
     root = make_tiny_store(tmp_path / "s", n_per_class=8, folds=2)
     params = tiny_params(tmp_path, root, epochs=2, batch_size=6)
@@ -163,6 +165,7 @@ def test_sync_bn_on_cpu_and_conflicting_settings_fail_with_one_line(tmp_path, ca
 
 
 # ----------------------------------------------------------------------------- fold_parallel
+@pytest.mark.slow
 def test_fold_parallel_gives_the_sequential_results_and_logs_each_fold(tmp_path):
     root = make_tiny_store(tmp_path / "s", n_per_class=9, folds=3)
     sequential = tiny_params(tmp_path / "seq", root, epochs=2)
@@ -187,6 +190,7 @@ def test_fold_parallel_gives_the_sequential_results_and_logs_each_fold(tmp_path)
     assert state["running"] == {} and sorted(state["folds"]) == ["0", "1", "2"]
 
 
+@pytest.mark.slow
 def test_fold_parallel_worker_failure_stops_the_cv_and_fails_its_runs(tmp_path):
     root = make_tiny_store(tmp_path / "s", n_per_class=8, folds=2)
     params = tiny_params(tmp_path, root, fold_parallel=2, model="no_such_model_anywhere")
@@ -209,6 +213,7 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+@pytest.mark.slow
 def test_fold_parallel_parent_killed_workers_stop_and_rerun_resumes(tmp_path):
     import time
 

@@ -270,6 +270,7 @@ def test_selection_is_seeded_per_class(inputs):
 
 
 # --------------------------------------------------------------- the stage, end to end
+@pytest.mark.slow
 def test_stage_writes_and_logs_overlays_and_metrics(inputs, tmp_path):
     from mlflow.tracking import MlflowClient
 

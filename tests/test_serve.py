@@ -29,6 +29,7 @@ def log_tail(log: Path) -> str:
     return log.read_text(errors="replace")[-3000:] if log.exists() else ""
 
 
+@pytest.mark.slow
 def test_served_model_answers_like_predict(tmp_path):
     params = make_params(tmp_path)
     make_pipeline_outputs(params)

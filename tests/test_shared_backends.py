@@ -25,6 +25,7 @@ def store(tmp_path_factory):
 
 
 
+@pytest.mark.slow
 def test_two_tune_workers_on_postgresql_add_up(tmp_path, store):
     with postgres_server() as url:
         params = with_values(tiny_params(tmp_path, store, epochs=1), {
@@ -45,6 +46,7 @@ def test_two_tune_workers_on_postgresql_add_up(tmp_path, store):
         assert len({t.user_attrs["worker_pid"] for t in trials}) >= 2  # both workers did work
 
 
+@pytest.mark.slow
 def test_cv_run_is_logged_through_a_real_mlflow_server(tmp_path, store):
     backend = f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}"
     (tmp_path / "server").mkdir()

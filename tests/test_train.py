@@ -217,6 +217,7 @@ def test_mlflow_structure_one_parent_k_children(binary_cv):
     assert run_cv(params) == cv
 
 
+@pytest.mark.slow
 def test_resume_after_kill_mid_fold(tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -59,6 +59,7 @@ def test_space_entries_are_validated(tmp_path, store):
         with_values(params, {"tune.space": {"train.optimizer": {"type": "categorical"}}})
 
 
+@pytest.mark.slow
 def test_study_prunes_a_bad_trial_logs_mlflow_and_resumes(tmp_path, store):
     params = with_values(tune_params(tmp_path, store), {"train.epochs": 4})
     url = tuning_study.storage_url(params)
@@ -219,6 +220,7 @@ def test_unreachable_bound_never_stops_the_trial_that_would_have_won():
         assert stopped > 0 or scores.mean(axis=1).max() < 0.75  # it does stop trials where it can
 
 
+@pytest.mark.slow
 def test_no_pruning_after_the_last_fold(tmp_path, store):
     # the pruner may only speak after the last fold, when nothing is left to save: the bad
     # trial must complete with all folds rather than be thrown away as pruned
@@ -262,6 +264,7 @@ def run_cli(args, cwd=ROOT, env=None, **kw):
                             start_new_session=True, **kw)
 
 
+@pytest.mark.slow
 def test_two_workers_share_a_journal_and_run_exactly_n_trials(tmp_path, store):
     params = tune_params(tmp_path, store, pruner="none",
                          space={"train.lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True}})
@@ -280,6 +283,7 @@ def test_two_workers_share_a_journal_and_run_exactly_n_trials(tmp_path, store):
     assert len(child_runs(params, search.study_parent_run(params, tuning_study.storage_url(params)))) == 4
 
 
+@pytest.mark.slow
 def test_killed_worker_trial_is_retried_not_lost(tmp_path, store):
     params = tune_params(tmp_path, store, pruner="none", heartbeat_interval=0.5, grace_period=4.0,
                          space={"train.lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True}})
@@ -328,7 +332,8 @@ def test_apply_writes_best_params_into_params_file_keeping_comments(tmp_path, st
     params_file.apply_to_params_file(path, {"train": {"lr": 0.0123}})
     written = path.read_text()
     assert "lr: 0.0123" in written
-    assert "# bone-health: every setting lives here" in written  # comments survive
+    assert "# bone-health: every setting, one section per stage" in written  # comments survive
+    assert "# K of the K-fold CV" in written
     assert load_params(path).train.lr == 0.0123
 
 

@@ -11,7 +11,7 @@ import argparse
 import difflib
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -31,37 +31,49 @@ class Section(BaseModel):
 
 # --------------------------------------------------------------------------- data
 class DataParams(Section):
-    root: str = "data/phantom"
-    manifest: Optional[str] = "data/phantom/manifest.csv"
-    annotations: Optional[str] = "data/phantom/annotations.json"
-    patient_regex: Optional[str] = None
-    classes: Optional[list[str]] = None
-    positive_class: str = "C3"
-    name: Optional[str] = None
+    root: str = Field("data/phantom",
+        description="one sub-folder per class (the lab's C1/ and C3/); keep the\nmanifest and COCO file inside it so `dvc add` versions them together")
+    manifest: Optional[str] = Field("data/phantom/manifest.csv",
+        description='optional CSV: file, patient_id[, class][, box]; null to skip')
+    annotations: Optional[str] = Field("data/phantom/annotations.json",
+        description='optional COCO boxes (CVAT export) for crop mode')
+    patient_regex: Optional[str] = Field(None, description="e.g. '^(?P<patient>P\\d+)_' when there is no manifest")
+    classes: Optional[list[str]] = Field(None, description='null: every sub-folder of root, sorted')
+    positive_class: str = Field("C3", description='the disease class for binary metrics')
+    name: Optional[str] = Field(None, description="dataset name for tags; null: the root folder's name")
     extensions: list[str] = Field(
         default_factory=lambda: [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"]
     )
-    on_bad_file: Literal["stop", "skip"] = "stop"
-    on_label_conflict: Literal["stop", "skip"] = "stop"
+    on_bad_file: Literal["stop", "skip"] = Field("stop",
+        description='stop | skip (unreadable files, images without a box in crop mode)')
+    on_label_conflict: Literal["stop", "skip"] = Field("stop",
+        description='stop | skip (the same image in two class folders)')
 
 
 # ------------------------------------------------------------------------ phantom
 class PhantomParams(Section):
-    out: str = "data/phantom"
-    masks_out: str = "data/phantom_masks"
+    out: str = Field("data/phantom", description='images/<class>/..., manifest.csv, annotations.json')
+    masks_out: str = Field("data/phantom_masks", description='ground-truth cortex masks, kept apart from the images')
     seed: int = 0
-    classes: list[str] = Field(default_factory=lambda: ["C1", "C3"], min_length=2, max_length=2)
+    classes: list[str] = Field(default_factory=lambda: ["C1", "C3"], min_length=2, max_length=2,
+        description='[healthy, osteoporotic]')
     patients_per_class: int = Field(80, ge=1)
-    followup_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    followup_fraction: float = Field(0.25, ge=0.0, le=1.0,
+        description='share of patients with 2..max_images_per_patient images')
     max_images_per_patient: int = Field(3, ge=1)
     width: int = Field(1024, ge=256, le=4096)
     height: int = Field(512, ge=128, le=2048)
-    separation: float = Field(1.2, ge=0.0)
-    bit_depth: Literal[8, 16] = 8
-    field_width_mm: float = Field(290.0, gt=0)  # detector width: 0.1 mm/px at 2900 px
-    cortical_width_mm: tuple[float, float] = (1.5, 5.0)  # [most osteoporotic, healthiest]
-    nuisance: float = Field(1.0, ge=0.0, le=3.0)
-    box_side: Literal["random", "left", "right"] = "random"
+    separation: float = Field(1.2, ge=0.0,
+        description='class signal strength; 0 = indistinguishable (see docs/PHANTOM.md)')
+    bit_depth: Literal[8, 16] = Field(8, description='8 | 16 (grey PNG)')
+    field_width_mm: float = Field(290.0, gt=0,
+        description='detector width in mm: 0.1 mm/px at 2900 px, 0.283 mm/px at 1024')
+    cortical_width_mm: tuple[float, float] = Field((1.5, 5.0),
+        description='cortex below the foramen, most osteoporotic .. healthiest (cut-off 3 mm)')
+    nuisance: float = Field(1.0, ge=0.0, le=3.0,
+        description='spread of class-independent variation (pose, exposure, teeth, noise)')
+    box_side: Literal["random", "left", "right"] = Field("random",
+        description='side of the annotated cortex box: random | left | right')
 
     @model_validator(mode="after")
     def _panoramic_shape(self):
@@ -80,8 +92,9 @@ class PhantomParams(Section):
 
 # ------------------------------------------------------------------------ prepare
 class FullParams(Section):
-    downscale: Optional[float] = Field(3.0, gt=0)
-    size: Optional[tuple[int, int]] = None  # [height, width]; wins over downscale
+    downscale: Optional[float] = Field(3.0, gt=0, description="the lab's 3x; or set size")
+    size: Optional[tuple[int, int]] = Field(None,
+        description='[height, width], e.g. [449, 954]; wins over downscale')
 
     @model_validator(mode="after")
     def _one_of(self):
@@ -93,15 +106,18 @@ class FullParams(Section):
 
 
 class CropParams(Section):
-    side: int = Field(600, ge=8)
-    reference_width: Optional[int] = Field(2900, ge=1)
-    size: int = Field(128, ge=8, le=2048)
+    side: int = Field(600, ge=8, description="source pixels at reference_width (the lab's 600 px at ~2900 px wide)")
+    reference_width: Optional[int] = Field(2900, ge=1,
+        description='scale side by image width / reference_width; null = use side as is')
+    size: int = Field(128, ge=8, le=2048, description='stored crop size in pixels')
 
 
 class RollingBallParams(Section):
-    enabled: bool = False
-    radius: int = Field(50, ge=1)
-    shrink: Optional[int] = Field(None, ge=1, le=16)  # None: ImageJ's factor for the radius; 1: exact (slow)
+    enabled: bool = Field(False, description='the lab\'s "RB" datasets')
+    radius: int = Field(50, ge=1,
+        description='ball radius in source pixels (intensity in 8-bit grey levels, as ImageJ)')
+    shrink: Optional[int] = Field(None, ge=1, le=16,
+        description='null: roll on a copy shrunk 1/2/4/8x by radius, like ImageJ; 1 = exact, slow')
 
 
 class ClaheParams(Section):
@@ -112,21 +128,25 @@ class ClaheParams(Section):
 
 class PrepareParams(Section):
     out: str = "data/prepared"
-    mode: Literal["full", "crop"] = "crop"
+    mode: Literal["full", "crop"] = Field("crop",
+        description='full: whole radiograph downscaled | crop: square around the cortex box')
     full: FullParams = Field(default_factory=FullParams)
     crop: CropParams = Field(default_factory=CropParams)
     rolling_ball: RollingBallParams = Field(default_factory=RollingBallParams)
     clahe: ClaheParams = Field(default_factory=ClaheParams)
     dtype: Literal["uint8", "uint16"] = "uint8"
-    folds: int = Field(5, ge=2, le=20)  # K of the K-fold CV: test folds are assigned here, with the data
-    fold_seed: int = 42
-    workers: int = Field(1, ge=1, le=64)  # decode+preprocess processes; rows are written in file order
+    folds: int = Field(5, ge=2, le=20,
+        description='K of the K-fold CV: test folds are assigned here, stored with the data')
+    fold_seed: int = Field(42, description='StratifiedGroupKFold seed: folds are a versioned data artifact')
+    workers: int = Field(1, ge=1, le=64,
+        description='processes decoding+preprocessing in parallel; the store is identical for any value')
 
 
 # -------------------------------------------------------------------------- train
 class AugmentParams(Section):
     enabled: bool = True
-    strength: float = Field(0.5, ge=0.0, le=3.0)
+    strength: float = Field(0.5, ge=0.0, le=3.0,
+        description='one knob that scales every probability/magnitude below (0 = off)')
     vflip: float = Field(0.5, ge=0.0, le=1.0)
     hflip: float = Field(0.0, ge=0.0, le=1.0)
     rotate_limit: float = Field(10.0, ge=0.0, le=180.0)
@@ -140,38 +160,50 @@ class AugmentParams(Section):
 
 class TrainParams(Section):
     out: str = "models"
-    val_fraction: float = Field(0.2, gt=0.0, lt=0.6)
+    val_fraction: float = Field(0.2, gt=0.0, lt=0.6,
+        description='inner validation split of the training folds (early stopping, LR, checkpoint)')
     model: str = "efficientnet_b0"
     pretrained: bool = False
-    weights: Optional[str] = None
+    weights: Optional[str] = Field(None,
+        description='local weights file; pretrained never downloads unless HF_HUB_OFFLINE=0')
     in_chans: Literal[1, 3] = 1
-    image_size: Optional[int] = Field(None, ge=16, le=2048)
+    image_size: Optional[int] = Field(None, ge=16, le=2048, description='null: the prepared size')
     drop_rate: float = Field(0.2, ge=0.0, lt=1.0)
-    epochs: int = Field(12, ge=1)
-    batch_size: int = Field(8, ge=1)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    epochs: int = Field(12, ge=1,
+        description='sized for 2 CPU cores (make repro <= 10 min); GPU profiles: params/gpu-lab-*.yaml')
+    batch_size: int = Field(8, ge=1,
+        description='more steps per epoch: from scratch on ~140 images, steps matter more than batch')
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adamw", description='adam | adamw | sgd')
     lr: float = Field(3e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    scheduler: Literal["plateau", "cosine", "none"] = "cosine"
+    scheduler: Literal["plateau", "cosine", "none"] = Field("cosine",
+        description="plateau (the lab's x0.1, patience 5) | cosine (with warm-up) | none")
     plateau_factor: float = Field(0.1, gt=0.0, lt=1.0)
     plateau_patience: int = Field(5, ge=0)
     warmup_epochs: int = Field(1, ge=0)
-    early_stopping_patience: int = Field(0, ge=0)  # 0 disables
-    class_balance: Literal["none", "weights", "sampler"] = "weights"
+    early_stopping_patience: int = Field(0, ge=0,
+        description='0 disables: the short CPU cosine schedule ends on its own (GPU profiles: 10)')
+    class_balance: Literal["none", "weights", "sampler"] = Field("weights", description='none | weights | sampler')
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: Optional[float] = Field(None, gt=0.0)
-    ema_decay: Optional[float] = Field(0.99, gt=0.0, lt=1.0)  # None: no weight averaging
+    ema_decay: Optional[float] = Field(0.99, gt=0.0, lt=1.0,
+        description='EMA of the weights (warm-up ramp) for validation, checkpoint, test; null: off')
     seed: int = 0
     deterministic: bool = False
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description='auto: cuda, then mps, then cpu')
+    amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto",
+        description='auto: bf16 on CUDA when supported, off on CPU')
     channels_last: bool = True
     num_workers: int = Field(0, ge=0)
-    threads: Optional[int] = Field(None, ge=1)  # None: torch's default (all cores)
-    devices: int = Field(1, ge=1)  # data-parallel processes; >1 relaunches through torchrun
-    sync_bn: bool = False          # SyncBatchNorm across processes (CUDA only)
-    fold_parallel: int = Field(1, ge=1)  # folds trained at once, one worker process each
+    threads: Optional[int] = Field(None, ge=1,
+        description='CPU threads for torch; null: all cores (set 1 when sharing the CPU)')
+    devices: int = Field(1, ge=1,
+        description='data-parallel processes (DDP, one per GPU; gloo on CPU); >1 relaunches\n`python -m src.train` under torchrun; batch_size stays the global batch')
+    sync_bn: bool = Field(False,
+        description='SyncBatchNorm across processes (CUDA only; else each normalises its shard)')          # SyncBatchNorm across processes (CUDA only)
+    fold_parallel: int = Field(1, ge=1,
+        description='folds trained at once, one worker process each (round-robin over GPUs)')
     augment: AugmentParams = Field(default_factory=AugmentParams)
 
 
@@ -179,7 +211,7 @@ class TrainParams(Section):
 class EvaluateParams(Section):
     out: str = "reports"
     threshold: float = Field(0.5, gt=0.0, lt=1.0)
-    bootstrap: int = Field(2000, ge=0)
+    bootstrap: int = Field(2000, ge=0, description='patient-level bootstrap resamples for the CI')
     ci: float = Field(0.95, gt=0.5, lt=1.0)
     calibration_bins: int = Field(10, ge=2)
     seed: int = 0
@@ -190,14 +222,20 @@ class GradcamParams(Section):
     out: str = "reports/gradcam"
     per_class: int = Field(20, ge=1)
     seed: int = 0
-    method: Literal["gradcam", "gradcam++", "hirescam", "layercam", "eigencam", "scorecam", "saliency"] = "gradcam"
-    target_layer: Optional[str] = None
-    masks: Optional[str] = "data/phantom_masks"
-    alpha: float = Field(0.4, ge=0.0, le=1.0)
-    target: Literal["predicted", "true", "positive"] = "predicted"
-    perturbation: Literal["road", "confidence_change", "none"] = "road"
-    road_percentiles: list[int] = Field(default_factory=lambda: [50], min_length=1)
-    batch_size: int = Field(32, ge=1)
+    method: Literal["gradcam", "gradcam++", "hirescam", "layercam", "eigencam", "scorecam", "saliency"] = Field("gradcam",
+        description='gradcam | gradcam++ | hirescam | layercam | eigencam | scorecam | saliency')
+    target_layer: Optional[str] = Field(None,
+        description='null: bn2 for timm EfficientNets, else the last spatial feature map; or a dotted name')
+    masks: Optional[str] = Field("data/phantom_masks",
+        description='ground-truth regions for localisation scores; null for real data')
+    alpha: float = Field(0.4, ge=0.0, le=1.0, description='heat-map weight in the overlay')
+    target: Literal["predicted", "true", "positive"] = Field("predicted",
+        description='class to explain: predicted | true | positive (data.positive_class)')
+    perturbation: Literal["road", "confidence_change", "none"] = Field("road",
+        description='road (ROAD combined) | confidence_change | none: faithfulness without masks')
+    road_percentiles: list[int] = Field(default_factory=lambda: [50], min_length=1,
+        description='ROAD removal thresholds (paper: 10..90); each adds ~0.4 s/image for B0 at 128 px on CPU')
+    batch_size: int = Field(32, ge=1, description='ScoreCAM forward batch')
 
     @model_validator(mode="after")
     def _percentiles(self):
@@ -235,61 +273,86 @@ class SpaceEntry(Section):
         return self
 
 
+DEFAULT_SPACE = {
+    "train.lr": SpaceEntry(type="float", low=0.0003, high=0.01, log=True),
+    "train.weight_decay": SpaceEntry(type="float", low=0.000001, high=0.01, log=True),
+    "train.augment.strength": SpaceEntry(type="float", low=0.0, high=2.0),
+    "train.drop_rate": SpaceEntry(type="float", low=0.0, high=0.5),
+    "train.optimizer": SpaceEntry(type="categorical", choices=["adam", "adamw"]),
+}
+
+
 class TuneParams(Section):
     out: str = "tune"
     study_name: str = "bone-health"
-    storage: Optional[str] = None  # None: a journal file under `out`; or sqlite:/postgresql:/mysql: URL
-    n_trials: int = Field(20, ge=1)
-    timeout: Optional[float] = Field(None, gt=0)
-    n_workers: int = Field(1, ge=1)
-    sampler_seed: int = 0
-    n_startup_trials: int = Field(5, ge=0)  # random trials before TPE models the space
-    pruner: Literal["wilcoxon", "median", "none"] = "wilcoxon"
+    storage: Optional[str] = Field(None,
+        description='null: journal file tune/<study>.journal (safe for local workers);\npostgresql://user:pw@host/db for several machines')
+    n_trials: int = Field(20, ge=1, description='trials added by one `python -m src.tune` (a rerun adds more)')
+    timeout: Optional[float] = Field(None, gt=0, description='seconds')
+    n_workers: int = Field(1, ge=1, description='worker processes on this machine sharing the storage')
+    sampler_seed: int = Field(0, description='TPE sampler seed')
+    n_startup_trials: int = Field(5, ge=0,
+        description='random trials before TPE starts modelling')
+    pruner: Literal["wilcoxon", "median", "none"] = Field("wilcoxon",
+        description='wilcoxon (made for k-fold) | median | none')
     # The exact one-sided Wilcoxon p of a trial that lost all n folds to the best is 2**-n
     # (0.25 after 2 folds, 0.125 after 3).  Above 0.25 a trial that lost its first 2 of 5
     # folds stops there and saves 3; 0.2 could never prune before fold 3.  Every value in
     # (0.25, 0.3125] makes the same decisions up to 4 folds: 0.3 is one of them.
-    pruner_p_threshold: float = Field(0.3, gt=0.0, lt=1.0)
-    pruner_startup_steps: int = Field(2, ge=1)  # folds before any pruning (Wilcoxon needs 2)
+    pruner_p_threshold: float = Field(0.3, gt=0.0, lt=1.0,
+        description='Wilcoxon: 2 lost folds of 2 give p=0.25, so >0.25 stops\nsuch a trial after 2 of 5 folds (0.2 waits for 3)')
+    pruner_startup_steps: int = Field(2, ge=1,
+        description='folds before any pruning')
     # Median pruner only: completed trials before it may prune.  The pruner's own count, not
     # the sampler's n_startup_trials: 3 is the first count whose median is a middle value
     # rather than one trial's or the mean of two.
-    pruner_startup_trials: int = Field(3, ge=1)
+    pruner_startup_trials: int = Field(3, ge=1,
+        description="median pruner: completed trials before it prunes\n(its own count, not the sampler's n_startup_trials)")
     # Also stop a trial that can no longer beat the best completed trial's mean even if every
     # fold left scored the maximum AUC (1.0).  Exact: it never stops a possible winner.
-    prune_unreachable: bool = True
+    prune_unreachable: bool = Field(True,
+        description='wilcoxon/median: also stop a trial whose mean cannot beat the best\neven with AUC 1.0 on every fold left (exact: never stops a winner)')
     # Each trial trains its folds in its own seeded order (Optuna's advice for the Wilcoxon
     # pruner): otherwise every trial is judged on the same first folds, and a pair of easy or
     # tied folds there decides the pruning of all of them.  Fold k stays fold k (step = fold).
     # Wilcoxon and none only: the median pruner reads steps as progress and keeps 0..K-1.
-    shuffle_folds: bool = True
-    objective: Literal["val_auc", "test_auc"] = "val_auc"
-    epochs: Optional[int] = Field(None, ge=1)
-    heartbeat_interval: float = Field(10.0, gt=0)
+    shuffle_folds: bool = Field(True,
+        description="each trial trains its folds in its own seeded order (Optuna's\nadvice for Wilcoxon: not every trial judged on the same first\nfolds); the median pruner keeps 0..K-1 (its steps are progress)")
+    objective: Literal["val_auc", "test_auc"] = Field("val_auc",
+        description='val_auc (inner validation) | test_auc (selects on the test folds: avoid)')
+    epochs: Optional[int] = Field(None, ge=1, description='null: train.epochs')
+    heartbeat_interval: float = Field(10.0, gt=0,
+        description='seconds; a trial silent for grace_period is failed and retried')
     grace_period: float = Field(60.0, gt=0)
     max_retry: int = Field(2, ge=0)
     keep_checkpoints: bool = False
-    space: dict[str, SpaceEntry] = Field(default_factory=dict)
+    space: dict[str, SpaceEntry] = Field(default_factory=lambda: dict(DEFAULT_SPACE))
 
 
 # ----------------------------------------------------------------------- register
 class GateParams(Section):
-    metric: str = "oof_roc_auc"
-    direction: Literal["maximize", "minimize"] = "maximize"
-    min_gain: float = Field(0.0, ge=0.0)
+    metric: str = Field("oof_roc_auc",
+        description='any key of reports/metrics.json (tagged metric.<key> on versions)')
+    direction: Literal["maximize", "minimize"] = Field("maximize", description='maximize | minimize (e.g. oof_brier)')
+    min_gain: float = Field(0.0, ge=0.0, description='required improvement (strictly better when 0)')
     sensitivity_metric: str = "oof_sensitivity"
-    max_sensitivity_drop: float = Field(0.02, ge=0.0, le=1.0)
+    max_sensitivity_drop: float = Field(0.02, ge=0.0, le=1.0,
+        description='tolerated loss of sensitivity vs the champion')
 
 
 class RegisterParams(Section):
     name: str = "bone-health"
-    strategy: Literal["ensemble", "refit"] = "ensemble"
-    out: str = "reports/register"
-    challenger_alias: str = Field("challenger", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    strategy: Literal["ensemble", "refit"] = Field("ensemble",
+        description='ensemble: mean of the K fold models | refit: one model on all data')
+    out: str = Field("reports/register", description='registered.json (DVC out), model_card.md, model_card.json')
+    challenger_alias: str = Field("challenger", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$",
+        description='what register moves; promote moves champion_alias')
     champion_alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
-    batch_size: int = Field(16, ge=1)
-    example_size: tuple[int, int] = (256, 512)
-    gate: GateParams = Field(default_factory=GateParams)
+    batch_size: int = Field(16, ge=1, description='images per forward pass inside the served model')
+    example_size: tuple[int, int] = Field((256, 512),
+        description='synthetic input example (never a patient image): [height, width]')
+    gate: GateParams = Field(default_factory=GateParams,
+        description='promote: challenger must beat champion on all of these')
 
     @model_validator(mode="after")
     def _distinct_aliases(self):
@@ -302,7 +365,8 @@ class RegisterParams(Section):
 
 # ------------------------------------------------------------------------- mlflow
 class MlflowParams(Section):
-    tracking_uri: str = "sqlite:///mlruns/mlflow.db"  # MLFLOW_TRACKING_URI wins when set
+    tracking_uri: str = Field("sqlite:///mlruns/mlflow.db",
+        description='MLFLOW_TRACKING_URI wins when set')
     artifact_root: str = "mlruns/artifacts"
     experiment: str = "bone-health"
 
@@ -411,8 +475,8 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     return raw
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
-    """Read, override and validate; every failure is a one-line ParamsError."""
+def read_params_file(path: str | Path) -> dict:
+    """One params file as a dict of sections; a missing file or bad YAML is a one-line ParamsError."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: params file not found")
@@ -424,7 +488,31 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: list[str] | None =
         raise ParamsError(f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections (data, prepare, train, ...)")
-    return params_from_dict(apply_overrides(raw, overrides), source=str(path))
+    return raw
+
+
+def _layer(base: dict, top: dict) -> dict:
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "space":
+            _layer(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_params(path: str | Path | Sequence[str | Path] = DEFAULT_PARAMS,
+                overrides: list[str] | None = None) -> Params:
+    """Read one params file, or several layered in order (later files win key by key: an overlay
+    such as a GPU profile holds only what it changes), then the --set overrides; validate.
+    Every failure is a one-line ParamsError naming the file."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    raw: dict = {}
+    for p in paths:
+        layer = read_params_file(p)
+        params_from_dict(layer, source=str(p))  # a bad key names the file it is in
+        _layer(raw, layer)
+    source = " + ".join(str(p) for p in paths)
+    return params_from_dict(apply_overrides(raw, overrides), source=source)
 
 
 def params_from_dict(raw: dict, source: str = "params") -> Params:
@@ -435,7 +523,9 @@ def params_from_dict(raw: dict, source: str = "params") -> Params:
 
 
 def add_params_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    parser.add_argument("--params", action="append", default=None, metavar="FILE",
+                        help="params file (default: params.yaml); repeat to layer overlays, later files win "
+                             "(--params params.yaml --params params/gpu-lab-crop.yaml)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override one parameter, same spelling as `dvc exp run -S` (repeatable)",
@@ -443,8 +533,12 @@ def add_params_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def params_files(args: argparse.Namespace) -> list[str]:
+    return list(args.params or [DEFAULT_PARAMS])
+
+
 def params_from_args(args: argparse.Namespace) -> Params:
-    return load_params(args.params, args.overrides)
+    return load_params(params_files(args), args.overrides)
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
