@@ -446,6 +446,36 @@ def test_artifacts_depends_only_on_core():
     assert not bad, "src.artifacts may build on src.core only:\n" + "\n".join(bad)
 
 
+# The package map (docs/ARCHITECTURE.md and each package's docstring): what each may import.
+PACKAGE_MAY_IMPORT = {
+    "core": set(),
+    "artifacts": {"core"},
+    "synthetic": {"core", "artifacts"},
+    "data": {"core", "artifacts"},
+    "evaluation": {"core", "artifacts"},
+    "model": {"core", "artifacts", "data", "evaluation"},
+    "explain": {"core", "artifacts", "data", "model"},
+    "tuning": {"core", "artifacts", "data", "evaluation", "model"},
+    "serving": {"core", "artifacts", "data", "evaluation", "model", "explain"},
+}
+
+
+def test_packages_import_only_what_the_package_map_allows():
+    packages = {p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert packages == set(PACKAGE_MAY_IMPORT), "a package was added or removed: update the map here and in the docs"
+    bad = []
+    for path, mod in sorted(modules().items()):
+        parts = Path(path).parts
+        if len(parts) < 3:
+            continue  # stage entries and src/__init__.py
+        own = parts[1]
+        for imp in mod.imports:
+            target = Path(imp.target).parts if imp.target else ()
+            if len(target) >= 3 and target[1] != own and target[1] not in PACKAGE_MAY_IMPORT[own]:
+                bad.append(f"{imp.source}:{imp.line}: src.{own} imports {imp.target}")
+    assert not bad, "imports outside the package map:\n" + "\n".join(bad)
+
+
 def test_no_import_cycles():
     cycles = find_cycles(edges(runtime_only=True, module_level_only=True))
     assert not cycles, "module-level import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)

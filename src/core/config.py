@@ -33,10 +33,10 @@ class Section(BaseModel):
 class DataParams(Section):
     root: str = Field("data/phantom",
         description="one sub-folder per class (the lab's C1/ and C3/); keep the\nmanifest and COCO file inside it so `dvc add` versions them together")
-    manifest: Optional[str] = Field("data/phantom/manifest.csv",
-        description='optional CSV: file, patient_id[, class][, box]; null to skip')
-    annotations: Optional[str] = Field("data/phantom/annotations.json",
-        description='optional COCO boxes (CVAT export) for crop mode')
+    manifest: Optional[str] = Field("auto",
+        description="CSV: file, patient_id[, class][, box]; auto: root/manifest.csv if present; null: none")
+    annotations: Optional[str] = Field("auto",
+        description="COCO boxes (CVAT export) for crop mode; auto: root/annotations.json if present")
     patient_regex: Optional[str] = Field(None, description="e.g. '^(?P<patient>P\\d+)_' when there is no manifest")
     classes: Optional[list[str]] = Field(None, description='null: every sub-folder of root, sorted')
     positive_class: str = Field("C3", description='the disease class for binary metrics')
@@ -226,8 +226,8 @@ class GradcamParams(Section):
         description='gradcam | gradcam++ | hirescam | layercam | eigencam | scorecam | saliency')
     target_layer: Optional[str] = Field(None,
         description='null: bn2 for timm EfficientNets, else the last spatial feature map; or a dotted name')
-    masks: Optional[str] = Field("data/phantom_masks",
-        description='ground-truth regions for localisation scores; null for real data')
+    masks: Optional[str] = Field("auto",
+        description="ground-truth regions for localisation scores; auto: phantom.masks_out when\ndata.root is the phantom, none otherwise; null: none")
     alpha: float = Field(0.4, ge=0.0, le=1.0, description='heat-map weight in the overlay')
     target: Literal["predicted", "true", "positive"] = Field("predicted",
         description='class to explain: predicted | true | positive (data.positive_class)')

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from src.artifacts.source_data import ANNOTATIONS_NAME, MANIFEST_NAME, sidecar
 from src.core.config import Params
 from src.core.errors import DataError
 from src.core.fileio import sha256_file
@@ -84,7 +85,9 @@ def discover(data, folds: int | None = None) -> Dataset:
     ds = Dataset(root=root, classes=classes, positive_class=data.positive_class, records=[], folds=folds,
                  on_bad_file=data.on_bad_file, on_label_conflict=data.on_label_conflict)
 
-    sidecars = {Path(p).resolve() for p in (data.manifest, data.annotations) if p}
+    manifest_path = sidecar(data.manifest, root, MANIFEST_NAME)
+    annotations_path = sidecar(data.annotations, root, ANNOTATIONS_NAME)
+    sidecars = {p.resolve() for p in (manifest_path, annotations_path) if p}
     for item in sorted(root.iterdir()):
         if item.is_file() and not item.name.startswith(".") and item.resolve() not in sidecars:
             ds.ignored.append({"file": item.name, "reason": "not inside a class folder"})
@@ -100,13 +103,13 @@ def discover(data, folds: int | None = None) -> Dataset:
             ds.records.append(ImageRecord(path=path, file=rel, class_name=cls, label=label, patient=rel,
                                           box=None, sha256=sha256_file(path), patient_source="file"))
 
-    manifest = _read_manifest(data.manifest, root) if data.manifest else None
+    manifest = _read_manifest(str(manifest_path), root) if manifest_path else None
     regex = _compile_patient_regex(data.patient_regex) if data.patient_regex else None
     _assign_patients(ds, manifest, regex, data)
     if manifest:
         _boxes_from_manifest(ds, manifest)
-    if data.annotations:
-        _boxes_from_coco(ds, Path(data.annotations))
+    if annotations_path:
+        _boxes_from_coco(ds, annotations_path)
     return ds
 
 

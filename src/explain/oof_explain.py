@@ -23,6 +23,7 @@ from src.artifacts.checkpoint import CheckpointMeta, is_complete
 from src.artifacts.model_ref import checkpoint_dirs
 from src.artifacts.cv_run import PREDICTIONS_FILE, fold_dir, open_parent_run, read_cv, read_fold_predictions
 from src.artifacts.metrics_file import write_metrics
+from src.artifacts.source_data import AUTO, is_within
 from src.artifacts.store import MANIFEST_FILE, PreparedStore
 from src.core.config import GradcamParams, Params
 from src.core.errors import BoneHealthError, DataError
@@ -109,6 +110,15 @@ def out_of_fold_model(models: dict[int, FoldModel], store: PreparedStore, row: i
 
 
 # ----------------------------------------------------------------------------- masks
+def masks_folder(params: Params) -> Path | None:
+    """gradcam.masks as a folder, or None: `auto` is the phantom's masks when data.root is the
+    phantom (real data has no ground truth)."""
+    setting = params.gradcam.masks
+    if setting == AUTO:
+        return Path(params.phantom.masks_out) if is_within(params.data.root, params.phantom.out) else None
+    return Path(setting) if setting else None
+
+
 def mask_path(masks_root: str | Path, file: str) -> Path:
     """Masks mirror the image tree under data.root, always as PNG."""
     return Path(masks_root) / Path(file).with_suffix(".png")
@@ -196,7 +206,7 @@ def run_gradcam(params: Params, *, log_to_mlflow: bool = True) -> dict[str, floa
     store = PreparedStore.open(params.prepare.out)
     cv = read_cv(params.train.out)
     client = open_parent_run(params.mlflow, params.train.out, cv.parent_run_id)[0] if log_to_mlflow else None
-    masks_root = Path(cfg.masks) if cfg.masks else None
+    masks_root = masks_folder(params)
     if masks_root is not None and not masks_root.is_dir():
         raise DataError(f"gradcam.masks: folder {masks_root} not found (set gradcam.masks: null for data without masks)")
     device = select_device(params.train.device)

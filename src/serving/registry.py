@@ -30,6 +30,7 @@ from src.artifacts.checkpoint import CHECKPOINT_FILE, META_FILE, CheckpointMeta,
 from src.artifacts.cv_run import CvRun, fold_checkpoint_dirs, open_parent_run, read_cv
 from src.artifacts.metrics_file import METRICS_FILE, numeric, read_metrics
 from src.artifacts.model_ref import CHECKPOINT_PREFIX
+from src.artifacts.source_data import is_within
 from src.artifacts.store import MANIFEST_FILE, PreparedStore
 from src.artifacts.store import META_FILE as STORE_META_FILE
 from src.core.config import Params, flatten
@@ -111,9 +112,7 @@ def store_info(params: Params, meta: CheckpointMeta) -> dict[str, Any]:
                     info["images_per_class"] = {str(k): int(v) for k, v in counts.items()}
                 if "patient" in frame:
                     info["patients"] = int(frame["patient"].nunique())
-    phantom = Path(params.phantom.out).resolve()
-    root = Path(str(info["root"])).resolve()
-    info["synthetic_phantom"] = root == phantom or phantom in root.parents
+    info["synthetic_phantom"] = is_within(str(info["root"]), params.phantom.out)
     info["manifest_sha256"] = info["manifest_sha256"] or "unknown"
     return info
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from src.artifacts.source_data import ANNOTATIONS_NAME, MANIFEST_NAME
 from src.core.config import PhantomParams
 from src.core.errors import BoneHealthError
 from src.core.fileio import atomic_dir
@@ -234,8 +235,8 @@ def generate(p: PhantomParams) -> dict:
             for fut in pending:
                 fut.result()
         rows = [[im.file, im.patient_id, im.cls, *boxes[im.file]] for im in planned]
-        (tmp_out / "manifest.csv").write_text(_csv_text(MANIFEST_COLUMNS, rows))
-        (tmp_out / "annotations.json").write_text(json.dumps(coco(planned, boxes, f), indent=1) + "\n")
+        (tmp_out / MANIFEST_NAME).write_text(_csv_text(MANIFEST_COLUMNS, rows))
+        (tmp_out / ANNOTATIONS_NAME).write_text(json.dumps(coco(planned, boxes, f), indent=1) + "\n")
         (tmp_masks / "truth.csv").write_text(_csv_text(TRUTH_COLUMNS, truth_rows))
     seconds = time.perf_counter() - start
     return {
