@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = np.resize(rng.permutation(len(store.images)), need)
     chunks = list(batches_of(rows, cfg.batch_size))
 
-    h, w = meta["input_size"]
+    h, w = meta.input_size
     x = torch.randn(cfg.batch_size, cfg.in_chans, h, w, device=device)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -145,11 +145,6 @@ def to_dtype(img: np.ndarray, dtype: str) -> np.ndarray:
     return np.rint(np.clip(img, 0.0, 1.0) * top).astype(kind)
 
 
-def from_stored(arr: np.ndarray) -> np.ndarray:
-    """Stored uint8/uint16 -> float32 in [0, 1] (the inverse of `to_dtype`)."""
-    return arr.astype(np.float32) / float(np.iinfo(arr.dtype).max)
-
-
 # ------------------------------------------------------------ intensity steps
 def auto_shrink(radius: float) -> int:
     """ImageJ's shrink factor for its rolling ball (RollingBall: 1/2/4/8 by radius)."""

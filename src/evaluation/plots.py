@@ -7,16 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from sklearn.metrics import precision_recall_curve, roc_curve
 
-matplotlib.use("Agg")  # headless: stages run under DVC, CI and SSH
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
-
-from src.core.fileio import atomic_path  # noqa: E402
-from src.evaluation.metrics import calibration_bins  # noqa: E402
+from src.core.fileio import atomic_path
+from src.core.plotting import pyplot
+from src.evaluation.metrics import calibration_bins
 
 
 def roc_table(y_pos: np.ndarray, score: np.ndarray, name: str | None = None) -> pd.DataFrame:
@@ -53,12 +50,12 @@ def write_csv(frame: pd.DataFrame, path: Path) -> Path:
 def _save(fig, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
 def plot_roc(curves: dict[str, pd.DataFrame], aucs: dict[str, float], path: Path, title: str) -> Path:
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = pyplot().subplots(figsize=(4.5, 4.5))
     for name, frame in curves.items():
         ax.plot(frame["fpr"], frame["tpr"], label=f"{name} (AUC {aucs.get(name, float('nan')):.3f})")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
@@ -69,7 +66,7 @@ def plot_roc(curves: dict[str, pd.DataFrame], aucs: dict[str, float], path: Path
 
 
 def plot_pr(frame: pd.DataFrame, prevalence: float, path: Path, title: str) -> Path:
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = pyplot().subplots(figsize=(4.5, 4.5))
     ax.plot(frame["recall"], frame["precision"])
     ax.axhline(prevalence, ls="--", c="grey", lw=0.8, label=f"prevalence {prevalence:.2f}")
     ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", xlim=(0, 1), ylim=(0, 1.02), title=title)
@@ -81,7 +78,7 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray, classes: Sequence[
     n = len(classes)
     matrix = np.zeros((n, n), dtype=int)
     np.add.at(matrix, (np.asarray(labels), np.asarray(predicted)), 1)
-    fig, ax = plt.subplots(figsize=(1.2 * n + 2.5, 1.2 * n + 2))
+    fig, ax = pyplot().subplots(figsize=(1.2 * n + 2.5, 1.2 * n + 2))
     ax.imshow(matrix, cmap="Blues")
     for i in range(n):
         for j in range(n):
@@ -93,7 +90,7 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray, classes: Sequence[
 
 
 def plot_calibration(frame: pd.DataFrame, path: Path, title: str) -> Path:
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = pyplot().subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8, label="perfect")
     ax.plot(frame["mean_predicted"], frame["fraction_positive"], marker="o", label="model")
     ax.set(xlabel="mean predicted probability", ylabel="observed fraction positive",

@@ -11,19 +11,11 @@ from typing import Sequence
 import numpy as np
 
 from src.core.fileio import atomic_path
+from src.core.plotting import pyplot
 
 SHEET_COLUMNS = 5
 PANEL_INCHES = 3.0
 DPI = 100
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def to_unit(image: np.ndarray) -> np.ndarray:
@@ -55,7 +47,7 @@ def save_overlay(path: str | Path, image: np.ndarray, cam: np.ndarray, *, pred_c
                  mask: np.ndarray | None = None, note: str | None = None) -> Path:
     """Image | heat map | overlay side by side, titled with the true class (if known), the
     predicted class and its probability; the ground-truth region's outline when a mask is given."""
-    plt = _plt()
+    plt = pyplot()
     image = to_unit(image)
     # A fixed layout instead of tight_layout, which costs more than the CAM itself on a CPU.
     fig, axes = plt.subplots(1, 3, figsize=(3 * PANEL_INCHES, PANEL_INCHES + 0.6), dpi=DPI,
@@ -90,7 +82,7 @@ class SheetItem:
 def save_contact_sheet(path: str | Path, items: Sequence[SheetItem], title: str, alpha: float = 0.4,
                        columns: int = SHEET_COLUMNS) -> Path:
     """A grid of overlays with one caption line each."""
-    plt = _plt()
+    plt = pyplot()
     n = max(len(items), 1)
     cols = min(columns, n)
     rows = -(-n // cols)

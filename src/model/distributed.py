@@ -14,6 +14,7 @@ receive its decisions (which folds to train, validation figures) by broadcast.
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -26,6 +27,8 @@ import torch.distributed as dist
 
 from src.core.errors import BoneHealthError
 from src.core.runtime import select_device
+
+log = logging.getLogger(__name__)
 
 # Set by torchrun for every worker; their presence is what "launched distributed" means.
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -146,5 +149,5 @@ def relaunch(devices: int, module: str, argv: list[str]) -> int:
     `python -m src.train` (and the DVC stage) needs no launcher of its own.
     """
     cmd = relaunch_command(devices, module, argv)
-    print(f"train.devices={devices}: relaunching under torchrun: python {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    log.info("train.devices=%d: relaunching under torchrun: python %s", devices, " ".join(cmd[1:]))
     return subprocess.run(cmd, check=False).returncode

@@ -11,21 +11,24 @@ lets a killed run resume as usual.
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import queue
-import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from src.artifacts.cv_run import fold_dir
 from src.artifacts.store import PreparedStore
 from src.core.config import Params, with_values
 from src.core.errors import BoneHealthError
+from src.core.logs import setup_logging
 from src.model.fit import train_fold
 
+log = logging.getLogger(__name__)
 _POLL_S = 1.0
 
 
@@ -47,6 +50,7 @@ def worker_threads(params: Params, n: int) -> int:
 
 def _worker(params_json: dict, device: str, inbox, events) -> None:
     """Train the folds sent to `inbox` until None arrives; report through `events`."""
+    setup_logging()  # a spawned interpreter: the epoch lines are logged here, as in the parent
     params = Params.model_validate(params_json)
     store = PreparedStore.open(params.prepare.out)
     parent = mp.parent_process()
@@ -100,15 +104,15 @@ def train_folds_in_parallel(params: Params, folds: list[int], out: Path, device:
                            name=f"fold-worker-{i}") for i in range(n)]
     todo = list(folds)
     busy: dict[int, int] = {}  # fold -> its worker
-    print(f"train.fold_parallel={n}: folds {folds} on {', '.join(devices)} "
-          f"({wparams['train']['threads']} thread(s) each)", file=sys.stderr, flush=True)
+    log.info("train.fold_parallel=%d: folds %s on %s (%s thread(s) each)", n, folds, ", ".join(devices),
+             wparams["train"]["threads"])
     try:
         for w in workers:
             w.start()
 
         def hand_out(i: int) -> None:
             k = todo.pop(0)
-            inboxes[i].put((k, str(out / f"fold_{k}"), start(k)))
+            inboxes[i].put((k, str(fold_dir(out, k)), start(k)))
             busy[k] = i
 
         for i in range(n):
@@ -129,7 +133,7 @@ def train_folds_in_parallel(params: Params, folds: list[int], out: Path, device:
             if kind == "error":
                 is_ours, one_line, tb = payload
                 if not is_ours:
-                    print(tb, file=sys.stderr)
+                    log.error("%s", tb)
                 raise BoneHealthError(f"fold {k}: {one_line}")
             done(k, payload)
             if todo:

@@ -7,6 +7,7 @@ import numpy as np
 
 from src.core.config import PhantomParams
 from src.core.fileio import atomic_path
+from src.core.plotting import pyplot
 from src.synthetic.anatomy import acquire, draw_anatomy
 from src.synthetic.generator import field_of, plan
 from src.synthetic.measurement import cortex_profile
@@ -14,11 +15,7 @@ from src.synthetic.measurement import cortex_profile
 
 def make_figure(p: PhantomParams, path: str | Path) -> Path:
     """C1 and C3 examples side by side with their cortex zoomed in (the lab's 60 mm square)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     f = field_of(p)
     planned = plan(p.model_copy(update={"followup_fraction": 0.0}))
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.2), gridspec_kw={"height_ratios": [1, 1.25]})

@@ -23,6 +23,7 @@ from src.core.config import Params, flatten, params_from_dict, with_values
 from src.core.errors import BoneHealthError
 from src.core.fileio import atomic_write_text
 from src.core.params_file import merge_fragment
+from src.core.plotting import pyplot
 from src.evaluation.metrics import auc_score
 from src.model.fit import train_fold
 from src.tuning.study import KIND_TAG, STUDY_TAG, Heartbeat, count_counted, open_study, recover_stale_trials, study_lock
@@ -225,12 +226,9 @@ def write_outputs(params: Params, study, parent_id: str) -> Path | None:
 
 
 def _log_plots(study, parent_id: str, client) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ovm
 
+    plt = pyplot()
     plots = {"optimization_history": ovm.plot_optimization_history,
              "param_importances": ovm.plot_param_importances,
              "parallel_coordinate": ovm.plot_parallel_coordinate,
