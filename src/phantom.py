@@ -3,21 +3,8 @@
     python -m src.phantom [--params F] [--set phantom.seed=1]     # the dataset
     python -m src.phantom --figure docs/figures/phantom_examples.png
 
-Writes, each folder swapped in whole (src.core.fileio.atomic_dir):
-  {phantom.out}/<class>/P0007_v1.png          grey PNG, 8 or 16 bit (data.root points here)
-  {phantom.out}/manifest.csv                  file,patient_id,class,box_x,box_y,box_w,box_h
-  {phantom.out}/annotations.json              COCO boxes ("cortex"), CVAT export style
-  {phantom.masks_out}/<class>/P0007_v1.png    0/255 mask of the diagnostic cortex band (both sides)
-  {phantom.masks_out}/truth.csv               per image: latent severity and drawn cortex width
-
-Classes: phantom.classes = [healthy, osteoporotic].  Each patient has a latent severity
-Phi(L), L ~ N(-/+ separation * SEVERITY_GAP / 2, 1) for healthy/osteoporotic, so `separation`
-alone sets how much the classes overlap (0: not at all separable).  What severity draws, and
-why, is in src/synthetic/anatomy.py and docs/PHANTOM.md.
-
-Randomness: every patient and every visit has its own stream derived from (seed, class,
-patient, visit), so files do not depend on the order of drawing and the same params give
-byte-identical files.
+The dataset's layout, its class model and its randomness: src/synthetic/generator.py and
+docs/PHANTOM.md.
 """
 from __future__ import annotations
 

@@ -1,15 +1,6 @@
 """Gated promotion: `python -m src.promote [--force] [--rollback]`.
 
-The alias `champion` moves to the `challenger` version only if the challenger beats the
-champion on register.gate: its gate metric improves by more than nothing and at least
-`min_gain`, and its sensitivity falls by no more than `max_sensitivity_drop` (a screening
-aid that misses more disease is not better, whatever its AUC).  The numbers are read from
-the versions' own `metric.<name>` tags, written by register, so old runs' files are not needed.
-
-Every move is recorded twice: a `champion_history` tag on the registered model (the ordered
-log that --rollback replays as a stack), and on each version the periods it held the alias
-(`champion_periods`) with who moved it and how.  Registry stages are deprecated; only
-aliases are used.
+The gate, and how every move is recorded: src/serving/promotion.py.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Register stage: the latest cross-validation becomes a version of `register.name` with alias
 `challenger` (`python -m src.register`, the last DVC stage).
 
-The version is an MLflow pyfunc (src/pyfunc_model.py) that carries the fold checkpoints as
+The version is an MLflow pyfunc (src/serving/pyfunc_model.py) that carries the fold checkpoints as
 plain artifacts (state_dict + meta.json, so Grad-CAM can still hook the network) and the
 `src` package as code, so `mlflow models serve` and `mlflow.pyfunc.load_model` need no
 checkout.  It is logged in a "register" run nested under the CV parent run, with the CV

@@ -8,7 +8,6 @@ meta.json is written last: its presence marks a complete checkpoint.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,7 +15,7 @@ from typing import Any, Mapping
 import torch
 
 from src.core.errors import BoneHealthError
-from src.core.fileio import atomic_path, atomic_write_json
+from src.core.fileio import atomic_path, atomic_write_json, read_json_object
 
 CHECKPOINT_FILE = "model.pt"
 META_FILE = "meta.json"
@@ -125,12 +124,7 @@ def save_checkpoint(directory: str | Path, state_dict: Mapping[str, torch.Tensor
 
 def read_meta(directory: str | Path) -> CheckpointMeta:
     path = Path(directory) / META_FILE
-    if not path.is_file():
-        raise BoneHealthError(f"{path}: checkpoint metadata not found (is this a bone-health checkpoint folder?)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BoneHealthError(f"{path}: not valid JSON ({exc.msg})") from None
+    data = read_json_object(path, "checkpoint metadata not found (is this a bone-health checkpoint folder?)")
     return CheckpointMeta.from_dict(data, str(path))
 
 

@@ -10,7 +10,6 @@ One reader for each: evaluate, gradcam, register and predict all go through here
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pandas as pd
 from src.artifacts.checkpoint import CheckpointMeta, is_complete, read_meta
 from src.core.config import MlflowParams
 from src.core.errors import DataError
-from src.core.fileio import atomic_path, atomic_write_json
+from src.core.fileio import atomic_path, atomic_write_json, read_json_object
 from src.core.tracking import configure, tracking_uri
 
 CV_FILE = "cv.json"
@@ -52,9 +51,7 @@ def write_cv(train_out: str | Path, cv: CvRun) -> Path:
     return atomic_write_json(Path(train_out) / CV_FILE, cv.to_dict())
 
 
-def _parse(data: Any, path: Path) -> CvRun:
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object")
+def _parse(data: dict[str, Any], path: Path) -> CvRun:
     if data.get("status") != FINISHED:
         raise DataError(f"{path}: status is {data.get('status')!r}, expected {FINISHED!r}; rerun `python -m src.train`")
     if not data.get("parent_run_id"):
@@ -70,13 +67,7 @@ def _parse(data: Any, path: Path) -> CvRun:
 def read_cv(train_out: str | Path) -> CvRun:
     """The finished CV in `train_out`; a missing, unfinished or malformed cv.json is a DataError."""
     path = Path(train_out) / CV_FILE
-    if not path.is_file():
-        raise DataError(f"{path}: not found; run `python -m src.train` first")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    return _parse(data, path)
+    return _parse(read_json_object(path, "not found; run `python -m src.train` first", DataError), path)
 
 
 def peek_cv(train_out: str | Path) -> CvRun | None:

@@ -2,15 +2,13 @@
 `{evaluate.out}/metrics.json` (out-of-fold figures) and `{gradcam.out}/metrics.json`."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from src.core.errors import BoneHealthError
-from src.core.fileio import atomic_write_json
+from src.core.fileio import atomic_write_json, read_json_object
 
 METRICS_FILE = "metrics.json"
 
@@ -33,16 +31,7 @@ def write_metrics(out_dir: str | Path, metrics: Mapping[str, Any]) -> Path:
 
 
 def read_metrics(out_dir: str | Path, what: str, hint: str = "") -> dict[str, Any]:
-    path = metrics_path(out_dir)
-    if not path.is_file():
-        raise BoneHealthError(f"{path}: {what} not found" + (f"; {hint}" if hint else ""))
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BoneHealthError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(data, dict):
-        raise BoneHealthError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(metrics_path(out_dir), f"{what} not found" + (f"; {hint}" if hint else ""))
 
 
 def numeric(metrics: Mapping[str, Any]) -> dict[str, float | int]:

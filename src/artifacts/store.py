@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from src.core.errors import DataError
-from src.core.fileio import json_default
+from src.core.fileio import json_default, read_json_object
 
 IMAGES_FILE = "images.npy"
 MANIFEST_FILE = "manifest.csv"
@@ -76,11 +76,8 @@ def _as_json(obj: Any) -> Any:
 
 # ----------------------------------------------------------------------------- reading
 def read_report(root: str | Path) -> dict[str, Any]:
-    path = Path(root) / REPORT_FILE
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"{path}: validation report unreadable ({exc})") from None
+    return read_json_object(Path(root) / REPORT_FILE, "validation report not found; run `python -m src.prepare`",
+                            DataError)
 
 
 
@@ -98,7 +95,7 @@ class PreparedStore:
         for name in (IMAGES_FILE, MANIFEST_FILE, META_FILE):
             if not (root / name).is_file():
                 raise DataError(f"{root / name}: prepared store incomplete; run `python -m src.prepare` first")
-        meta = json.loads((root / META_FILE).read_text())
+        meta = read_json_object(root / META_FILE, "prepared store incomplete; run `python -m src.prepare` first", DataError)
         manifest = pd.read_csv(root / MANIFEST_FILE, dtype={"patient": str, "file": str, "class": str})
         images = np.load(root / IMAGES_FILE, mmap_mode="r")
         if len(images) != len(manifest):

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from src.core.errors import BoneHealthError
+
 
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
@@ -43,6 +45,23 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
+
+
+def read_json_object(path: str | Path, missing: str, error: type[BoneHealthError] = BoneHealthError) -> dict[str, Any]:
+    """A JSON file that must hold an object; every failure is one line naming the file
+    (`missing` says what the file is and what to do when it is not there)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {missing}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: unreadable ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object")
+    return data
 
 
 def json_default(obj: Any) -> Any:

@@ -35,7 +35,7 @@ from src.artifacts.store import MANIFEST_FILE, PreparedStore
 from src.artifacts.store import META_FILE as STORE_META_FILE
 from src.core.config import Params, flatten
 from src.core.errors import BoneHealthError
-from src.core.fileio import atomic_write_json, atomic_write_text, sha256_file
+from src.core.fileio import atomic_write_json, atomic_write_text, read_json_object, sha256_file
 from src.core.tracking import git_commit, log_params_flat
 from src.data.dataset import dataset_name
 from src.model.fit import train_all
@@ -76,16 +76,6 @@ def gate_metrics_present(metrics: dict[str, Any], params: Params, path: Path) ->
             )
 
 
-def _read_store_meta(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BoneHealthError(f"{path}: prepared store meta unreadable ({exc})") from None
-    if not isinstance(data, dict):
-        raise BoneHealthError(f"{path}: expected a JSON object")
-    return data
-
-
 def store_info(params: Params, meta: CheckpointMeta) -> dict[str, Any]:
     """Data provenance: the manifest hash the checkpoints were trained on, and counts from the
     prepared store when it still holds that same data."""
@@ -96,7 +86,7 @@ def store_info(params: Params, meta: CheckpointMeta) -> dict[str, Any]:
     if not store_meta_path.is_file():
         info["note"] = f"prepared store {store_meta_path} not found; counts unavailable"
     else:
-        store_meta = _read_store_meta(store_meta_path)
+        store_meta = read_json_object(store_meta_path, "prepared store meta not found")
         manifest = store / MANIFEST_FILE
         current = store_meta.get("manifest_sha256") or (sha256_file(manifest) if manifest.is_file() else None)
         if trained_on and current and current != trained_on:
