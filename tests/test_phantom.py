@@ -14,7 +14,7 @@ from src.core.config import PhantomParams, load_params, params_from_dict
 from src.core.errors import BoneHealthError
 from src.phantom import main
 from src.synthetic.generator import MANIFEST_COLUMNS, field_of, generate, plan, quantize, render
-from src.synthetic.measurement import cortex_profile, global_intensity_features, measure_cortical_width
+from src.synthetic.measurement import cortex_profile, global_intensity_features
 from src.synthetic.anatomy import Field, Patient, Visit, acquire, draw_anatomy
 
 SMALL = dict(width=512, height=256, patients_per_class=4, followup_fraction=0.5, max_images_per_patient=3)
@@ -182,7 +182,7 @@ def test_measured_width_matches_the_drawn_cortex():
     for drawn in (1.8, 3.0, 4.8):
         patient = Patient(severity=0.2, cortex_mm=drawn, seed=3)  # no erosion: the width is well defined
         rad = acquire(draw_anatomy(patient, f), visit, f)
-        measured = measure_cortical_width(rad.image, rad.box, f.mm_per_px)
+        measured = cortex_profile(rad.image, rad.box, f.mm_per_px).width_mm
         assert measured == pytest.approx(drawn, abs=0.35)
     # the profile is bright in the cortex and dark in the soft tissue below it
     m = cortex_profile(rad.image, rad.box, f.mm_per_px)
@@ -196,12 +196,12 @@ def test_measured_width_differs_between_classes_as_intended(tmp_path: Path):
     f = field_of(p)
     widths = defaultdict(list)
     for im, rad in render(plan(p), f):
-        widths[im.cls].append(measure_cortical_width(quantize(rad.image, 8), rad.box, f.mm_per_px))
+        widths[im.cls].append(cortex_profile(quantize(rad.image, 8), rad.box, f.mm_per_px).width_mm)
     c1, c3 = np.array(widths["C1"]), np.array(widths["C3"])
     assert 3.0 < np.median(c1) < 5.5 and np.median(c3) < 3.0
     assert c1.mean() - c3.mean() > 1.2
     # not a perfect split: the distributions touch, so the task is learnable but not trivial
-    weaker = [measure_cortical_width(rad.image, rad.box, f.mm_per_px)
+    weaker = [cortex_profile(rad.image, rad.box, f.mm_per_px).width_mm
               for _, rad in render(plan(p.model_copy(update={"separation": 0.0})), f)]
     assert np.std(weaker) > 0.3
 

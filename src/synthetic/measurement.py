@@ -107,11 +107,6 @@ def _half_max_width(offsets: np.ndarray, profile: np.ndarray) -> float:
     return upper - lower
 
 
-def measure_cortical_width(image: np.ndarray, box, mm_per_px: float = 1.0) -> float:
-    """Cortical width (mm, or pixels with mm_per_px=1) of the inferior cortex in the box, from the image."""
-    return cortex_profile(image, box, mm_per_px).width_mm
-
-
 GLOBAL_PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 
 
