@@ -29,11 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_train import synthetic_store  # noqa: E402
-from src.model import distributed  # noqa: E402
-from src.data.augment import build_augment  # noqa: E402
-from src.core.config import add_params_args, params_files, params_from_args  # noqa: E402
 from src.artifacts.store import PreparedStore  # noqa: E402
+from src.core.config import add_params_args, params_files, params_from_args  # noqa: E402
+from src.data.augment import build_augment  # noqa: E402
 from src.data.batches import BatchSource, batches_of  # noqa: E402
+from src.model import distributed  # noqa: E402
 from src.model.engine import build_engine, run_epoch  # noqa: E402
 from src.model.fit import checkpoint_meta  # noqa: E402
 

@@ -21,8 +21,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from src.core.config import add_params_args, params_from_args  # noqa: E402
-from src.synthetic.generator import PNG_FLAGS, field_of, generate, plan, quantize  # noqa: E402
 from src.synthetic.anatomy import acquire, draw_anatomy  # noqa: E402
+from src.synthetic.generator import PNG_FLAGS, field_of, generate, plan, quantize  # noqa: E402
 
 
 def timed(fn, *args):

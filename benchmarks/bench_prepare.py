@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from src.core.config import load_params  # noqa: E402
-from src.data.imaging import read_image  # noqa: E402
 from src.data.build_store import prepare  # noqa: E402
+from src.data.imaging import read_image  # noqa: E402
 from src.data.preprocess import auto_shrink, rolling_ball_background  # noqa: E402
 
 WIDTH, HEIGHT = 1024, 512

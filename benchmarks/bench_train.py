@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from src.data.augment import build_augment  # noqa: E402
-from src.core.config import add_params_args, params_from_args  # noqa: E402
 from src.artifacts.store import PreparedStore  # noqa: E402
+from src.core.config import add_params_args, params_from_args  # noqa: E402
 from src.core.runtime import amp_dtype, autocast_context, select_device  # noqa: E402
+from src.data.augment import build_augment  # noqa: E402
 from src.data.batches import BatchSource, batches_of  # noqa: E402
 from src.model.engine import build_engine, run_epoch  # noqa: E402
 from src.model.fit import checkpoint_meta  # noqa: E402

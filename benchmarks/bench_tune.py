@@ -35,13 +35,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from src.core.cli import run_main  # noqa: E402
+from src.core.config import (  # noqa: E402
+    Params,
+    apply_overrides,
+    load_params,
+    params_from_dict,
+    with_values,
+)
+from src.data.build_store import prepare  # noqa: E402
+from src.synthetic.generator import generate  # noqa: E402
 from src.tuning import pruners as tuning_pruners  # noqa: E402
 from src.tuning import search  # noqa: E402
 from src.tuning import study as tuning_study  # noqa: E402
-from src.core.cli import run_main  # noqa: E402
-from src.core.config import Params, apply_overrides, load_params, params_from_dict, with_values  # noqa: E402
-from src.data.build_store import prepare  # noqa: E402
-from src.synthetic.generator import generate  # noqa: E402
 
 TARGET_SAVING = 0.30
 TARGET_MAX_LOSS = 0.01

@@ -15,14 +15,24 @@ import argparse
 import sys
 
 from src.core.cli import run_main
-from src.core.config import add_params_args, params_from_args
+from src.core.config import Params, add_params_args, params_from_args
+from src.core.locks import output_locks
+from src.core.outputs import check_output
 from src.evaluation.report import evaluate
+
+
+def check_paths(params: Params) -> None:
+    """Before any work: evaluate.out must not overlap the CV it reads (src/core/outputs.py).
+    gradcam.out and register.out may lie inside it: evaluate never reads them."""
+    check_output("evaluate.out", params.evaluate.out, {"train.out": params.train.out})
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = add_params_args(argparse.ArgumentParser(prog="python -m src.evaluate", description=__doc__.splitlines()[0]))
     params = params_from_args(parser.parse_args(argv))
-    m = evaluate(params)
+    check_paths(params)
+    with output_locks({"evaluate.out": params.evaluate.out}):
+        m = evaluate(params)
 
     def f(key: str) -> str:
         v = m.get(key)

@@ -14,13 +14,16 @@ run, also logged as metrics on the parent run).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
 from src.core.cli import run_main
-from src.core.config import add_params_args, params_from_args
+from src.core.config import Params, add_params_args, params_from_args
 from src.core.errors import BoneHealthError
-from src.explain.oof_explain import explain_file, run_gradcam
+from src.core.locks import output_locks
+from src.core.outputs import check_output, check_replaceable
+from src.explain.oof_explain import IMAGES_DIR, explain_file, masks_folder, run_gradcam
 
 
 def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
@@ -33,6 +36,24 @@ def parse_box(text: str | None) -> tuple[float, float, float, float] | None:
     if len(values) != 4 or not all(np.isfinite(values)) or values[2] <= 0 or values[3] <= 0:
         raise BoneHealthError(f"--box {text!r}: expected x,y,w,h in source pixels with w, h > 0")
     return values  # type: ignore[return-value]
+
+
+def check_paths(params: Params) -> None:
+    """Before any work: gradcam.out must not overlap what the stage reads, and its images/
+    folder (replaced whole) must be its own (src/core/outputs.py).  It may lie inside
+    evaluate.out: gradcam never reads evaluate's files."""
+    check_output("gradcam.out", params.gradcam.out, {
+        "train.out": params.train.out,
+        "prepare.out": params.prepare.out,
+        "gradcam.masks": masks_folder(params),
+    })
+    check_replaceable(Path(params.gradcam.out) / IMAGES_DIR, "gradcam.out")
+
+
+def check_single_paths(args: argparse.Namespace) -> None:
+    """Single-image mode: the overlay must not overwrite the radiograph or the model it reads."""
+    model = args.model if args.model and Path(args.model).exists() else None  # else an MLflow URI
+    check_output("--out", args.out, {"--image": args.image, "--model": model})
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -49,10 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.image is None:
         if args.model or args.box or args.out:
             raise BoneHealthError("--model, --box and --out belong to single-image mode: add --image PATH")
-        run_gradcam(params)
+        check_paths(params)
+        with output_locks({"gradcam.out": params.gradcam.out}):
+            run_gradcam(params)
         return 0
     if not args.out:
         raise BoneHealthError("--image needs --out FILE.png")
+    check_single_paths(args)
     result = explain_file(params, args.image, args.out, args.model, parse_box(args.box))
     probs = ", ".join(f"{c} {p:.3f}" for c, p in result["probs"].items())
     print(f"{result['file']}: predicted {result['predicted']} ({probs}); {params.gradcam.method} map -> {result['out']}")

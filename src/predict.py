@@ -18,7 +18,15 @@ from pathlib import Path
 from src.core.cli import run_main
 from src.core.config import add_params_args, params_from_args
 from src.core.errors import BoneHealthError
-from src.serving.inference import expand_inputs, format_table, load_ensemble, predict_files, read_boxes, results_frame, write_cams
+from src.serving.inference import (
+    expand_inputs,
+    format_table,
+    load_ensemble,
+    predict_files,
+    read_boxes,
+    results_frame,
+    write_cams,
+)
 from src.serving.pyfunc_model import parse_box
 
 

@@ -13,19 +13,44 @@ from __future__ import annotations
 
 import argparse
 
-from src.artifacts.store import IMAGES_FILE, MANIFEST_FILE, META_FILE, REPORT_FILE, PreparedStore, read_report
+from src.artifacts.source_data import ANNOTATIONS_NAME, MANIFEST_NAME, sidecar
+from src.artifacts.store import (
+    IMAGES_FILE,
+    MANIFEST_FILE,
+    META_FILE,
+    REPORT_FILE,
+    PreparedStore,
+    read_report,
+)
 from src.core.cli import run_main
-from src.core.config import add_params_args, params_from_args
+from src.core.config import Params, add_params_args, params_from_args
+from src.core.locks import output_locks
+from src.core.outputs import check_output, check_replaceable
 from src.data.build_store import prepare
 from src.data.dataset import ValidationFailed, format_report
+
+
+def check_paths(params: Params) -> None:
+    """Before any decoding: prepare.out must not overlap the data it reads, and may replace
+    only a folder of its own (src/core/outputs.py)."""
+    data = params.data
+    check_output("prepare.out", params.prepare.out, {
+        "data.root": data.root,
+        "data.manifest": sidecar(data.manifest, data.root, MANIFEST_NAME),
+        "data.annotations": sidecar(data.annotations, data.root, ANNOTATIONS_NAME),
+    })
+    check_replaceable(params.prepare.out, "prepare.out")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m src.prepare", description=__doc__.splitlines()[0])
     add_params_args(parser)
     args = parser.parse_args(argv)
+    params = params_from_args(args)
+    check_paths(params)
     try:
-        out = prepare(params_from_args(args))
+        with output_locks({"prepare.out": params.prepare.out}):
+            out = prepare(params)
     except ValidationFailed as exc:
         print(format_report(exc.report))  # the whole picture, before the one-line error
         raise

@@ -13,8 +13,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from src.artifacts.metrics_file import METRICS_FILE
 from src.core.cli import run_main
-from src.core.config import add_params_args, params_from_args
+from src.core.config import Params, add_params_args, params_from_args
+from src.core.locks import output_locks
+from src.core.outputs import check_output
 from src.serving.registry import CARD_FILE, METRIC_TAG_PREFIX, register
 
 
@@ -24,10 +27,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_paths(params: Params) -> None:
+    """Before any work: register.out must not overlap what register reads (src/core/outputs.py).
+    From evaluate.out and gradcam.out it reads only metrics.json, so the shipped
+    register.out=reports/register inside evaluate.out=reports is fine; reports itself is not."""
+    check_output("register.out", params.register.out, {
+        "train.out": params.train.out,
+        "prepare.out": params.prepare.out,
+        "evaluate.out/metrics.json": Path(params.evaluate.out) / METRICS_FILE,
+        "gradcam.out/metrics.json": Path(params.gradcam.out) / METRICS_FILE,
+    })
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     params = params_from_args(args)
-    result = register(params)
+    check_paths(params)
+    with output_locks({"register.out": params.register.out}):
+        result = register(params)
     gate = params.register.gate.metric
     print(f"registered {result.name} version {result.version} (alias {result.alias}) from run {result.run_id}")
     print(f"  {gate} = {result.tags.get(METRIC_TAG_PREFIX + gate)}; model card: {Path(params.register.out) / CARD_FILE}")

@@ -12,12 +12,24 @@ continues from the first unfinished fold, marks the run of the interrupted fold 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from src.core.cli import run_main
-from src.core.config import add_params_args, params_from_args
+from src.core.config import Params, add_params_args, params_from_args
+from src.core.locks import HELD_ENV, output_locks
+from src.core.outputs import check_output
 from src.model import distributed
 from src.model.cross_validation import checked_store, run_cv
+
+
+def check_paths(params: Params) -> None:
+    """Before any work: train.out must not overlap what training reads (src/core/outputs.py)."""
+    check_output("train.out", params.train.out, {
+        "prepare.out": params.prepare.out,
+        "data.root": params.data.root,
+        "train.weights": params.train.weights,
+    })
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,14 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = params_from_args(args)
     cfg = params.train
+    check_paths(params)
     checked_store(params)  # a bad setting fails here, once, not in every relaunched process
-    if cfg.devices > 1 and not distributed.launched_by_torchrun():
-        return distributed.relaunch(cfg.devices, "src.train", sys.argv[1:] if argv is None else list(argv))
-    ctx, device = distributed.setup(cfg.device)
-    try:
-        cv = run_cv(params, resume=not args.no_resume, ctx=ctx, device=device)
-    finally:
-        distributed.teardown()
+    # Under torchrun only rank 0 writes, so only rank 0 locks.
+    with output_locks({"train.out": cfg.out} if os.environ.get("RANK", "0") == "0" else {}):
+        if cfg.devices > 1 and not distributed.launched_by_torchrun():
+            os.environ[HELD_ENV] = "1"  # the torchrun children work under this process's lock
+            return distributed.relaunch(cfg.devices, "src.train", sys.argv[1:] if argv is None else list(argv))
+        ctx, device = distributed.setup(cfg.device)
+        try:
+            cv = run_cv(params, resume=not args.no_resume, ctx=ctx, device=device)
+        finally:
+            distributed.teardown()
     if ctx.is_main:
         m = cv.metrics
         print(f"train: {cv.folds} folds finished, parent run {cv.parent_run_id} ({cv.run_name}); "

@@ -7,7 +7,9 @@
   assignment (test-fold AUC only when `tune.objective: test_auc`, with a warning).
 - Pruning per fold (step = fold): Wilcoxon by default, median, or none.
 - Storage: a journal file by default (safe for several processes on one machine); any RDB
-  URL for several machines.  Rerunning the same command continues the same study.
+  URL for several machines.  Rerunning the same command continues the same study.  A URL with
+  a password can come from BONE_HEALTH_TUNE_STORAGE instead of --storage (kept out of `ps`);
+  it is printed and logged masked (user:***@host).
 - Crash safety: every running trial writes a heartbeat into its user attributes; a trial
   silent for `tune.grace_period` is failed and its parameters re-enqueued (Optuna's own
   heartbeat exists only for RDB storages, so one mechanism serves both).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -28,12 +31,26 @@ from optuna.trial import TrialState
 
 from src.artifacts.store import PreparedStore
 from src.core.cli import run_main
-from src.core.config import Params, add_params_args, flatten, params_files, params_from_args, with_values
+from src.core.config import (
+    Params,
+    add_params_args,
+    flatten,
+    params_files,
+    params_from_args,
+    with_values,
+)
 from src.core.errors import BoneHealthError
 from src.core.params_file import apply_to_params_file, dvc_command
+from src.core.redact import redact_url
 from src.model.distributed import launched_by_torchrun
 from src.tuning.search import best_fragment, run_worker, study_parent_run, write_outputs
-from src.tuning.study import count_counted, open_study, recover_stale_trials, storage_url, study_lock
+from src.tuning.study import (
+    count_counted,
+    open_study,
+    recover_stale_trials,
+    storage_url,
+    study_lock,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,24 +69,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# Workers get the storage URL and any --set holding a credential through their environment:
+# a command line is world-readable (`ps`, /proc/PID/cmdline), an environment is not.
+STORAGE_ENV = "BONE_HEALTH_TUNE_STORAGE"
+SETS_ENV = "BONE_HEALTH_TUNE_SETS"
+
+
 def resolve(args: argparse.Namespace) -> Params:
+    if args.worker_target is not None and os.environ.get(SETS_ENV):  # a worker's --set items, see worker_command
+        args.overrides = json.loads(os.environ[SETS_ENV])
     params = params_from_args(args)
+    storage = args.storage or os.environ.get(STORAGE_ENV) or None
     values = {"tune.n_trials": args.n_trials, "tune.timeout": args.timeout, "tune.study_name": args.study_name,
-              "tune.storage": args.storage, "tune.n_workers": args.n_workers}
+              "tune.storage": storage, "tune.n_workers": args.n_workers}
     return with_values(params, {k: v for k, v in values.items() if v is not None}, source="command line")
 
 
-def spawn_workers(args: argparse.Namespace, params: Params, target: int, parent_id: str, deadline: float | None) -> None:
+def worker_command(args: argparse.Namespace, params: Params, target: int, parent_id: str,
+                   deadline: float | None) -> tuple[list[str], dict[str, str]]:
+    """A worker's argv, free of credentials, and its environment, which carries them."""
     cmd = [sys.executable, "-m", "src.tune"]
     for path in params_files(args):
         cmd += ["--params", path]
-    for item in args.overrides:
-        cmd += ["--set", item]
-    cmd += ["--study-name", params.tune.study_name, "--storage", storage_url(params),
-            "--worker-target", str(target), "--worker-parent", parent_id]
+    env = {**os.environ, STORAGE_ENV: storage_url(params)}
+    if any(redact_url(item) != item for item in args.overrides):
+        env[SETS_ENV] = json.dumps(args.overrides)  # all of them, so their order (later wins) is kept
+    else:
+        for item in args.overrides:
+            cmd += ["--set", item]
+    cmd += ["--study-name", params.tune.study_name, "--worker-target", str(target), "--worker-parent", parent_id]
     if deadline:
         cmd += ["--worker-deadline", str(deadline)]
-    procs = [subprocess.Popen(cmd, start_new_session=True) for _ in range(params.tune.n_workers)]
+    return cmd, env
+
+
+def spawn_workers(args: argparse.Namespace, params: Params, target: int, parent_id: str, deadline: float | None) -> None:
+    cmd, env = worker_command(args, params, target, parent_id, deadline)
+    procs = [subprocess.Popen(cmd, env=env, start_new_session=True) for _ in range(params.tune.n_workers)]
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
@@ -137,12 +173,14 @@ def summary(study, seconds: float, url: str, params: Params) -> None:
     counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)}
     folds = sum(int(t.user_attrs.get("folds_trained", 0)) for t in study.get_trials(deepcopy=False))
-    print(f"study {params.tune.study_name!r} in {url}: {counts}; fold-trainings {folds}; {seconds:.0f} s this run")
+    shown = redact_url(url)
+    print(f"study {params.tune.study_name!r} in {shown}: {counts}; fold-trainings {folds}; {seconds:.0f} s this run")
     if url.startswith("journal:///"):
         path = url.removeprefix("journal:///")
         print(f"dashboard: optuna-dashboard {path}  (or: optuna-dashboard --storage-class journal {path})")
     else:
-        print(f"dashboard: optuna-dashboard {url}")
+        hint = "  (put the password back in place of ***)" if shown != url else ""
+        print(f"dashboard: optuna-dashboard {shown}{hint}")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from src.core.config import Params, params_from_dict
-from src.core.fileio import sha256_file
 from src.artifacts.checkpoint import CheckpointMeta, save_checkpoint
 from src.artifacts.cv_run import CvRun, write_cv, write_fold_predictions
-from src.model.factory import create_model
+from src.core.config import Params, params_from_dict
+from src.core.fileio import sha256_file
 from src.data.preprocess import crop_geometry, resize, square_crop, to_dtype
+from src.model.factory import create_model
 
 TINY_MODEL = "test_efficientnet"
 SRC_H, SRC_W = 96, 160  # source radiographs

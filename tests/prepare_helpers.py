@@ -107,7 +107,11 @@ def write_dicom(path: Path, pixels: np.ndarray | None, bits_stored: int = 12, ph
                 preamble: bool = True, **elements) -> Path:
     """A minimal DICOM file written by pydicom; pixels=None leaves out PixelData."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import (
+        ExplicitVRLittleEndian,
+        SecondaryCaptureImageStorage,
+        generate_uid,
+    )
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src.core.config import Params, PrepareParams, params_from_dict
 from src.artifacts.checkpoint import CheckpointMeta, save_checkpoint
-from src.artifacts.cv_run import CvRun, write_cv
+from src.artifacts.cv_run import CvRun, cv_provenance, read_cv, write_cv
+from src.core.config import Params, PrepareParams, params_from_dict
 from src.model.factory import create_model
 
 CLASSES = ["C1", "C3"]
@@ -91,12 +91,28 @@ def make_cv_run(params: Params, folds: int = 2) -> str:
     return run.info.run_id
 
 
+def provenance(params: Params) -> dict[str, str]:
+    """The provenance keys evaluate and gradcam write for the CV now in train.out."""
+    return cv_provenance(params.train.out, read_cv(params.train.out)).to_dict()
+
+
 def write_metrics(params: Params, **overrides: float) -> dict:
+    """evaluate's metrics.json for the CV in train.out (so call it after make_cv_run); returns the numbers."""
     metrics = {**GOOD_METRICS, **overrides}
-    path = Path(params.evaluate.out) / "metrics.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics))
+    write_metrics_file(Path(params.evaluate.out), {**metrics, **provenance(params)})
     return metrics
+
+
+def write_gradcam_metrics(params: Params, metrics: dict) -> dict:
+    """gradcam's metrics.json for the CV in train.out; returns the numbers."""
+    write_metrics_file(Path(params.gradcam.out), {**metrics, **provenance(params)})
+    return metrics
+
+
+def write_metrics_file(out: Path, content: dict) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(content))
+    return out / "metrics.json"
 
 
 def make_pipeline_outputs(params: Params, folds: int = 2, seed: int = 0, store_meta: dict | None = None,
@@ -127,7 +143,11 @@ def write_png(path: Path, img: np.ndarray) -> Path:
 def write_dicom(path: Path, img16: np.ndarray) -> Path:
     """A minimal valid MONOCHROME2 16-bit DICOM (Secondary Capture) with pixel data."""
     from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+    from pydicom.uid import (
+        ExplicitVRLittleEndian,
+        SecondaryCaptureImageStorage,
+        generate_uid,
+    )
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
@@ -153,8 +173,8 @@ def write_dicom(path: Path, img16: np.ndarray) -> Path:
 
 def expected_probs(dirs: list[Path], image: np.ndarray, box=None) -> np.ndarray:
     """The reference: each fold checkpoint on the training transform of `image`, averaged."""
-    from src.model.factory import load_checkpoint, predict_proba
     from src.data.preprocess import preprocess_image
+    from src.model.factory import load_checkpoint, predict_proba
 
     probs = []
     for d in dirs:

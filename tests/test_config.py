@@ -6,8 +6,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from src.core.config import (DEFAULT_PARAMS, Params, ParamsError, add_params_args, apply_overrides, flatten, load_params,
-                             params_from_args, params_from_dict, parse_override)
+from src.core.config import (
+    DEFAULT_PARAMS,
+    Params,
+    ParamsError,
+    add_params_args,
+    apply_overrides,
+    flatten,
+    load_params,
+    params_from_args,
+    params_from_dict,
+    parse_override,
+)
 from src.core.params_file import dvc_command, render_defaults
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from src.model.factory import load_checkpoint, predict_proba
 from src.artifacts.store import PreparedStore
 from src.core.runtime import amp_dtype, select_device
 from src.model.cross_validation import run_cv
+from src.model.factory import load_checkpoint, predict_proba
 from src.model.fit import train_fold
 from tests.train_helpers import make_tiny_store, tiny_params
 

@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 
 from src.core.config import DataParams
-from src.data.dataset import (
-    ValidationFailed, discover, format_report, validate,
-)
 from src.core.errors import DataError
+from src.data.dataset import (
+    ValidationFailed,
+    discover,
+    format_report,
+    validate,
+)
 from src.data.splits import assign_folds, fold_groups
 from tests.prepare_helpers import BOX, make_dataset
 

@@ -21,12 +21,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from src.core.cli import run_main
-from src.model.distributed import Dist
-from src.core.errors import BoneHealthError
 from src.artifacts.cv_run import CV_FILE
+from src.core.cli import run_main
+from src.core.errors import BoneHealthError
 from src.data.batches import batches_of
 from src.model.cross_validation import run_cv
+from src.model.distributed import Dist
 from src.train import main as train_main
 from tests.train_helpers import make_tiny_store, tiny_params, write_params
 

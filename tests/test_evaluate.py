@@ -9,14 +9,14 @@ import pandas as pd
 import pytest
 from sklearn.metrics import recall_score, roc_auc_score
 
+from src.artifacts.checkpoint import CheckpointMeta
+from src.artifacts.cv_run import CvRun, fold_dir, write_cv, write_fold_predictions
 from src.core import tracking
 from src.core.cli import run_main
 from src.core.errors import DataError
+from src.core.fileio import atomic_write_json
 from src.evaluate import main as evaluate_main
 from src.evaluation.report import evaluate
-from src.artifacts.checkpoint import CheckpointMeta
-from src.artifacts.cv_run import CvRun, fold_dir, write_cv, write_fold_predictions
-from src.core.fileio import atomic_write_json
 from tests.train_helpers import make_tiny_store, tiny_params, write_params
 
 
@@ -46,6 +46,8 @@ def fake_cv(tmp_path: Path, classes=("C1", "C3"), folds=3, n_per_class=12, seed=
         for c, name in enumerate(classes):
             frame[f"prob_{name}"] = probs[rows.index, c]
         write_fold_predictions(fold_dir(out, k), frame)
+        # evaluate hashes each fold's checkpoint (metrics provenance); its weights are never loaded.
+        (fold_dir(out, k) / "model.pt").write_bytes(f"fold {k} weights of {parent}".encode())
         atomic_write_json(fold_dir(out, k) / "meta.json",
                           CheckpointMeta(model="test_efficientnet", classes=list(classes), positive_class=classes[-1],
                                          fold=k).to_dict())

@@ -12,18 +12,43 @@ import pytest
 import torch
 from PIL import Image
 
-from src.explain.cam import METHODS, explain_image, input_gradient_saliency, resolve_target_layer
-from src.explain.faithfulness import (area_fraction, energy_inside, perturbation_score, pointing_hit, random_map,
-                                  summarise)
-from src.core.errors import BoneHealthError, DataError
-from src.explain.figures import save_overlay
-from src.explain.oof_explain import load_fold_model, mask_for, out_of_fold_model, run_gradcam, select_images
-from src.gradcam import main
-from src.model.factory import create_model, load_checkpoint, predict_proba
 from src.artifacts.checkpoint import CheckpointMeta
 from src.artifacts.store import PreparedStore
-from tests.gradcam_helpers import (CLASSES, SIZE, SRC_H, SRC_W, TINY_MODEL, cam_params, make_cam_inputs,
-                                   make_parent_run)
+from src.core.errors import BoneHealthError, DataError
+from src.explain.cam import (
+    METHODS,
+    explain_image,
+    input_gradient_saliency,
+    resolve_target_layer,
+)
+from src.explain.faithfulness import (
+    area_fraction,
+    energy_inside,
+    perturbation_score,
+    pointing_hit,
+    random_map,
+    summarise,
+)
+from src.explain.figures import save_overlay
+from src.explain.oof_explain import (
+    load_fold_model,
+    mask_for,
+    out_of_fold_model,
+    run_gradcam,
+    select_images,
+)
+from src.gradcam import main
+from src.model.factory import create_model, load_checkpoint, predict_proba
+from tests.gradcam_helpers import (
+    CLASSES,
+    SIZE,
+    SRC_H,
+    SRC_W,
+    TINY_MODEL,
+    cam_params,
+    make_cam_inputs,
+    make_parent_run,
+)
 from tests.train_helpers import write_params
 
 

@@ -6,11 +6,26 @@ import math
 import numpy as np
 import pytest
 from sklearn.calibration import calibration_curve
-from sklearn.metrics import (balanced_accuracy_score, brier_score_loss, f1_score, precision_score, recall_score,
-                             roc_auc_score)
+from sklearn.metrics import (
+    balanced_accuracy_score,
+    brier_score_loss,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
 
-from src.evaluation.metrics import (METRIC_KEYS, binary_metrics, bootstrap_auc_ci, calibration_bins, classification_metrics,
-                         expected_calibration_error, fast_binary_auc, multiclass_metrics, per_class_table)
+from src.evaluation.metrics import (
+    METRIC_KEYS,
+    binary_metrics,
+    bootstrap_auc_ci,
+    calibration_bins,
+    classification_metrics,
+    expected_calibration_error,
+    fast_binary_auc,
+    multiclass_metrics,
+    per_class_table,
+)
 
 RNG = np.random.default_rng(7)
 Y = RNG.integers(0, 2, 200)

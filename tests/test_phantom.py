@@ -13,9 +13,16 @@ import pytest
 from src.core.config import PhantomParams, load_params, params_from_dict
 from src.core.errors import BoneHealthError
 from src.phantom import main
-from src.synthetic.generator import MANIFEST_COLUMNS, field_of, generate, plan, quantize, render
-from src.synthetic.measurement import cortex_profile, global_intensity_features
 from src.synthetic.anatomy import Field, Patient, Visit, acquire, draw_anatomy
+from src.synthetic.generator import (
+    MANIFEST_COLUMNS,
+    field_of,
+    generate,
+    plan,
+    quantize,
+    render,
+)
+from src.synthetic.measurement import cortex_profile, global_intensity_features
 
 SMALL = dict(width=512, height=256, patients_per_class=4, followup_fraction=0.5, max_images_per_patient=3)
 
@@ -106,8 +113,8 @@ def test_followups_show_the_same_jaw_in_another_pose(dataset: PhantomParams):
 
 
 def test_dataset_is_accepted_by_prepare_like_real_data(dataset: PhantomParams, tmp_path: Path):
-    from src.data.build_store import prepare
     from src.artifacts.store import PreparedStore
+    from src.data.build_store import prepare
 
     out = Path(dataset.out)
     params = params_from_dict({

@@ -6,14 +6,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from registry_helpers import (
+    expected_probs,
+    make_params,
+    make_pipeline_outputs,
+    radiograph,
+    write_dicom,
+    write_png,
+)
 
-from registry_helpers import (expected_probs, make_params, make_pipeline_outputs, radiograph, write_dicom,
-                              write_png)
 from src.core.cli import run_main
+from src.core.tracking import configure
 from src.data.imaging import read_image
 from src.predict import main as predict_main
 from src.serving.registry import register
-from src.core.tracking import configure
 from tests.train_helpers import write_params
 
 
@@ -134,13 +140,13 @@ def test_inference_preprocessing_matches_the_prepared_store(tmp_path, mode):
     """The contract behind every served answer: a raw file through the model's preprocessing
     gives exactly the array `prepare` stored for it (rolling ball and CLAHE on in crop mode)."""
     from registry_helpers import make_checkpoints
+
+    from src.artifacts.store import PreparedStore
+    from src.core.config import PhantomParams
     from src.data.build_store import prepare
     from src.serving.inference import box_for, read_boxes
-    from src.synthetic.generator import generate
     from src.serving.pyfunc_model import Ensemble
-    from src.artifacts.store import PreparedStore
-
-    from src.core.config import PhantomParams
+    from src.synthetic.generator import generate
 
     params = make_params(tmp_path, mode=mode)
     phantom = tmp_path / "phantom"

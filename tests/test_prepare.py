@@ -7,17 +7,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from src.artifacts.store import MANIFEST_COLUMNS, PreparedStore
 from src.core.cli import run_main
 from src.core.config import PrepareParams
-from src.data.dataset import ValidationFailed
 from src.core.errors import DataError
-from src.data.imaging import read_image
 from src.data.build_store import prepare
-from src.prepare import main
+from src.data.dataset import ValidationFailed
+from src.data.imaging import read_image
 from src.data.preprocess import (
-    crop_geometry, preprocess_image, rolling_ball_background, square_crop, subtract_background, apply_clahe,
+    apply_clahe,
+    crop_geometry,
+    preprocess_image,
+    rolling_ball_background,
+    square_crop,
+    subtract_background,
 )
-from src.artifacts.store import MANIFEST_COLUMNS, PreparedStore
+from src.prepare import main
 from tests.prepare_helpers import H, W, make_dataset, make_params, write_dicom
 from tests.train_helpers import write_params
 

@@ -10,16 +10,25 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from registry_helpers import (
+    expected_probs,
+    make_params,
+    make_pipeline_outputs,
+    provenance,
+    radiograph,
+    write_gradcam_metrics,
+    write_metrics,
+    write_metrics_file,
+    write_png,
+)
 
-from registry_helpers import (expected_probs, make_params, make_pipeline_outputs, radiograph,
-                              write_metrics, write_png)
 from src.artifacts.checkpoint import CheckpointMeta
 from src.core.errors import BoneHealthError
+from src.core.tracking import configure
 from src.data.imaging import read_image
 from src.promote import main as promote_main
 from src.serving.promotion import promote, rollback
 from src.serving.registry import register, store_info
-from src.core.tracking import configure
 from tests.train_helpers import write_params
 
 
@@ -133,9 +142,7 @@ def test_crop_mode_model_uses_the_box(tmp_path, store):
     (prepared / "meta.json").write_text(json.dumps({"manifest_sha256": "ab" * 32, "n_images": 3,
                                                     "data_root": phantom_images}))
     (prepared / "manifest.csv").write_text("index,file,class,patient\n0,a.png,C1,P1\n1,b.png,C3,P2\n2,c.png,C3,P2\n")
-    gradcam = Path(params.gradcam.out)
-    gradcam.mkdir(parents=True)
-    (gradcam / "metrics.json").write_text(json.dumps({"cam_energy_inside_mean": 0.61, "road_score": None}))
+    write_gradcam_metrics(params, {"cam_energy_inside_mean": 0.61, "road_score": None})
     result = register(params)
     card = (Path(params.register.out) / "model_card.md").read_text()
     assert "| cam_energy_inside_mean | 0.6100 |" in card and "road_score" not in card
@@ -163,7 +170,7 @@ def test_register_input_errors_are_one_line(tmp_path, store):
     with pytest.raises(BoneHealthError, match=r"cv\.json: not found; run `python -m src.train` first"):
         register(params)
     make_pipeline_outputs(params)
-    (Path(params.evaluate.out) / "metrics.json").write_text(json.dumps({"oof_sensitivity": 0.7}))
+    write_metrics_file(Path(params.evaluate.out), {"oof_sensitivity": 0.7, **provenance(params)})
     with pytest.raises(BoneHealthError, match=r"metrics\.json: metric 'oof_roc_auc' \(register\.gate\) is missing"):
         register(params)
     write_metrics(params)
@@ -175,8 +182,9 @@ def test_register_input_errors_are_one_line(tmp_path, store):
 
 
 def test_refit_registers_one_model_trained_on_all_data(tmp_path, store):
-    from src.artifacts.model_ref import checkpoint_dirs
     from train_helpers import make_tiny_store
+
+    from src.artifacts.model_ref import checkpoint_dirs
 
     params = make_params(tmp_path, store=store, name="refit-model")
     params.train.batch_size = 8
@@ -211,6 +219,7 @@ def test_register_refuses_a_parent_run_missing_from_the_store(tmp_path, store):
     cv = json.loads(cv_path.read_text())
     cv["parent_run_id"] = "0" * 32
     cv_path.write_text(json.dumps(cv))
+    write_metrics(params)  # evaluated for that cv.json, so the store is what register trips on
     with pytest.raises(BoneHealthError, match=r"parent run 0{32} is not in the MLflow store"):
         register(params)
 

@@ -16,9 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from registry_helpers import make_params, make_pipeline_outputs, radiograph, write_dicom, write_png
+from registry_helpers import (
+    make_params,
+    make_pipeline_outputs,
+    radiograph,
+    write_dicom,
+    write_png,
+)
 from servers import free_port, stop_group, wait_http
+
 from src.serving.inference import load_ensemble, predict_files
 from src.serving.registry import register
 

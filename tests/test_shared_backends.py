@@ -11,8 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from src.tuning import study as tuning_study
 from src.core.config import with_values
+from src.tuning import study as tuning_study
 from tests.servers import mlflow_server, postgres_server
 from tests.train_helpers import make_tiny_store, tiny_params, write_params
 

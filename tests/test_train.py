@@ -14,16 +14,16 @@ import pandas as pd
 import pytest
 import torch
 
-from src.data.augment import augment_batch, build_augment
+from src.artifacts.cv_run import CV_FILE, STATE_FILE
+from src.artifacts.store import PreparedStore
 from src.core.cli import run_main
 from src.core.config import AugmentParams
 from src.core.errors import BoneHealthError
-from src.model.factory import load_checkpoint, predict_proba
-from src.artifacts.store import PreparedStore
-from src.artifacts.cv_run import CV_FILE, STATE_FILE
 from src.core.runtime import select_device
+from src.data.augment import augment_batch, build_augment
 from src.data.splits import fold_split
 from src.model.cross_validation import run_cv
+from src.model.factory import load_checkpoint, predict_proba
 from src.model.fit import train_all, train_fold
 from src.train import main as train_main
 from tests.train_helpers import make_tiny_store, tiny_params, write_params

@@ -15,12 +15,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from src.core import params_file
-from src.tuning import pruners
-from src.tuning import search
-from src.tuning import study as tuning_study
 from src import tune
+from src.core import params_file
 from src.core.config import load_params, params_from_dict, with_values
+from src.tuning import pruners, search
+from src.tuning import study as tuning_study
 from tests.train_helpers import make_tiny_store, tiny_params, write_params
 
 ROOT = Path(__file__).resolve().parents[1]

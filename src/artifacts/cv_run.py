@@ -10,16 +10,30 @@ One reader for each: evaluate, gradcam, register and predict all go through here
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from src.artifacts.checkpoint import CheckpointMeta, is_complete, read_meta
+from src.artifacts.checkpoint import (
+    CHECKPOINT_FILE,
+    META_FILE,
+    CheckpointMeta,
+    is_complete,
+    read_meta,
+)
+from src.artifacts.metrics_file import Provenance
 from src.core.config import MlflowParams
 from src.core.errors import DataError
-from src.core.fileio import atomic_path, atomic_write_json, read_json_object
+from src.core.fileio import (
+    atomic_path,
+    atomic_write_json,
+    read_json_object,
+    sha256_file,
+)
+from src.core.redact import redact_url
 from src.core.tracking import configure, tracking_uri
 
 CV_FILE = "cv.json"
@@ -92,6 +106,21 @@ def fold_checkpoint_dirs(train_out: str | Path, cv: CvRun) -> list[Path]:
     return dirs
 
 
+def checkpoints_sha256(train_out: str | Path, cv: CvRun) -> str:
+    """One content hash of the CV's K fold checkpoints (model.pt + meta.json of each): what
+    evaluate and gradcam record beside their metrics and what register recomputes, so metrics
+    of other checkpoints are caught even under the same parent run id.  Each file's hash is
+    keyed by its fold folder, so swapping two folds changes the result."""
+    lines = sorted(f"{d.name}/{name} {sha256_file(d / name)}"
+                   for d in fold_checkpoint_dirs(train_out, cv) for name in (CHECKPOINT_FILE, META_FILE))
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
+def cv_provenance(train_out: str | Path, cv: CvRun) -> Provenance:
+    """What a metrics file computed from this CV records, and what register expects to find."""
+    return Provenance(cv.parent_run_id, checkpoints_sha256(train_out, cv))
+
+
 # ----------------------------------------------------------------------- predictions
 def write_fold_predictions(directory: str | Path, predictions: pd.DataFrame) -> Path:
     directory = Path(directory)
@@ -141,5 +170,5 @@ def open_parent_run(mlflow_cfg: MlflowParams, train_out: str | Path, run_id: str
         run = client.get_run(run_id)
     except MlflowException:
         raise DataError(f"{Path(train_out) / CV_FILE}: parent run {run_id} is not in the MLflow store "
-                        f"{tracking_uri(mlflow_cfg)}; rerun `python -m src.train` against this store") from None
+                        f"{redact_url(tracking_uri(mlflow_cfg))}; rerun `python -m src.train` against this store") from None
     return client, run

@@ -6,6 +6,7 @@ from typing import Callable
 
 from src.core.errors import BoneHealthError
 from src.core.logs import setup_logging
+from src.core.redact import redact_url
 from src.core.runtime import offline_defaults
 
 
@@ -17,7 +18,7 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     try:
         code = main(argv)
     except BoneHealthError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_url(str(exc))}", file=sys.stderr)  # an echoed URL may carry a password
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -7,10 +7,12 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from src.core.errors import BoneHealthError
+from src.core.outputs import check_replaceable, write_marker
 
 
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
@@ -75,13 +77,22 @@ def json_default(obj: Any) -> Any:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Build a directory under a temporary name and swap it in whole at the end."""
+def atomic_dir(path: str | Path, key: str | None = None) -> Iterator[Path]:
+    """Build a directory under a temporary name and swap it in whole at the end.
+
+    `key` is the setting that names the folder (e.g. "prepare.out"): refusals name it and the
+    ownership marker records it.  An existing folder is replaced only when it is empty, ours
+    or an earlier version's output (src/core/outputs.py), checked before the work starts, so a
+    refusal costs nothing, and again just before the swap.  On any failure the old folder
+    stays as it was."""
     path = Path(path)
+    check_replaceable(path, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        write_marker(tmp, key)  # last: nothing the block logs or lists from tmp sees it
+        check_replaceable(path, key)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():

@@ -19,7 +19,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from src.core.config import DEFAULT_PARAMS, Params, flatten, load_params, read_params_file
+from src.core.config import (
+    DEFAULT_PARAMS,
+    Params,
+    flatten,
+    load_params,
+    read_params_file,
+)
 from src.core.fileio import atomic_write_text
 
 COMMENT_COLUMN = 37  # where the comments of params.yaml start

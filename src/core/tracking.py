@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from src.core.config import MlflowParams
+from src.core.redact import redact_params
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 
@@ -67,10 +68,11 @@ def git_commit(cwd: str | Path = ".") -> str:
 
 
 def log_params_flat(flat: dict[str, Any]) -> None:
-    """MLflow params are strings of at most 6000 chars, logged in batches of 100."""
+    """MLflow params are strings of at most 6000 chars, logged in batches of 100; URL passwords
+    (tune.storage, mlflow.tracking_uri) are masked: params are stored and shown in plain text."""
     import mlflow
 
-    items = {k: ("" if v is None else str(v))[:6000] for k, v in flat.items()}
+    items = {k: ("" if v is None else str(v))[:6000] for k, v in redact_params(flat).items()}
     keys = list(items)
     for i in range(0, len(keys), 100):
         mlflow.log_params({k: items[k] for k in keys[i:i + 100]})

@@ -17,8 +17,16 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from src.artifacts.store import (IMAGES_FILE, MANIFEST_FILE, META_FILE, REPORT_FILE, compact_images, open_images,
-                                 write_manifest, write_store_json)
+from src.artifacts.store import (
+    IMAGES_FILE,
+    MANIFEST_FILE,
+    META_FILE,
+    REPORT_FILE,
+    compact_images,
+    open_images,
+    write_manifest,
+    write_store_json,
+)
 from src.core.config import Params, PrepareParams
 from src.core.errors import DataError
 from src.core.fileio import atomic_dir, sha256_file
@@ -46,7 +54,7 @@ def prepare(params: Params) -> Path:
     settings, source_sizes = resolve_settings(prep, todo)
     size = (prep.crop.size, prep.crop.size) if crop else tuple(settings.full.size)
     out = Path(prep.out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "prepare.out") as tmp:
         infos, unreadable = _decode_into(tmp / IMAGES_FILE, ds.records, skip, settings, size)
         report = _validated(ds, folds, crop, unreadable=unreadable)
         kept_files = set(report["kept"])

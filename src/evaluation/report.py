@@ -11,12 +11,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from src.artifacts.cv_run import load_oof, open_parent_run, read_cv
-from src.artifacts.metrics_file import clean, write_metrics
+from src.artifacts.cv_run import cv_provenance, load_oof, open_parent_run, read_cv
+from src.artifacts.metrics_file import clean, numeric, with_provenance, write_metrics
 from src.core.config import Params
-from src.evaluation.metrics import METRIC_KEYS, bootstrap_auc_ci, classification_metrics, fast_binary_auc, per_class_table
-from src.evaluation.plots import (calibration_table, confusion_rows, plot_calibration, plot_confusion, plot_pr, plot_roc,
-                                  pr_table, roc_table, write_csv)
+from src.evaluation.metrics import (
+    METRIC_KEYS,
+    bootstrap_auc_ci,
+    classification_metrics,
+    fast_binary_auc,
+    per_class_table,
+)
+from src.evaluation.plots import (
+    calibration_table,
+    confusion_rows,
+    plot_calibration,
+    plot_confusion,
+    plot_pr,
+    plot_roc,
+    pr_table,
+    roc_table,
+    write_csv,
+)
 
 OOF_FILE = "oof_predictions.csv"
 FOLD_TABLE = "fold_metrics.csv"
@@ -103,7 +118,8 @@ def log_to_parent(params: Params, run_id: str, metrics: dict, files: list[Path])
 
     client, _ = open_parent_run(params.mlflow, params.train.out, run_id)
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    # numeric(): the provenance strings are not metrics (the parent run is the CV they name).
+    batch = [Metric(k, float(v), now, 0) for k, v in numeric(metrics).items()]
     for i in range(0, len(batch), 500):
         client.log_batch(run_id, metrics=batch[i:i + 500])
     for path in files:
@@ -112,13 +128,18 @@ def log_to_parent(params: Params, run_id: str, metrics: dict, files: list[Path])
 
 # ----------------------------------------------------------------------------- the stage
 def evaluate(params: Params) -> dict:
-    """Write every output listed in the module docstring; returns the flat metrics."""
+    """Write every output listed in the module docstring; returns metrics.json's contents: the
+    flat metrics plus the provenance register checks (the CV parent run and its checkpoints' hash)."""
     cfg = params.evaluate
     cv = read_cv(params.train.out)
+    # Hashed before the predictions are read: a retrain racing this stage then shows as a
+    # mismatch at register instead of numbers vouched for by the newer checkpoints.
+    provenance = cv_provenance(params.train.out, cv)
     oof, metas = load_oof(params.train.out, cv)
     classes, positive = list(metas[0].classes), metas[0].positive_class
     out = Path(cfg.out)
     metrics, folds, per_class = compute_metrics(oof, classes, positive, cfg)
+    metrics = with_provenance(metrics, provenance)
 
     files = [write_csv(oof, out / OOF_FILE)]
     files.append(write_csv(folds, out / FOLD_TABLE))

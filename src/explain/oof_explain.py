@@ -20,9 +20,16 @@ import pandas as pd
 import torch
 
 from src.artifacts.checkpoint import CheckpointMeta, is_complete
+from src.artifacts.cv_run import (
+    PREDICTIONS_FILE,
+    cv_provenance,
+    fold_dir,
+    open_parent_run,
+    read_cv,
+    read_fold_predictions,
+)
+from src.artifacts.metrics_file import numeric, with_provenance, write_metrics
 from src.artifacts.model_ref import checkpoint_dirs
-from src.artifacts.cv_run import PREDICTIONS_FILE, fold_dir, open_parent_run, read_cv, read_fold_predictions
-from src.artifacts.metrics_file import write_metrics
 from src.artifacts.source_data import AUTO, is_within
 from src.artifacts.store import MANIFEST_FILE, PreparedStore
 from src.core.config import GradcamParams, Params
@@ -32,8 +39,19 @@ from src.core.runtime import select_device
 from src.core.tracking import tracking_uri
 from src.data.imaging import read_image
 from src.data.preprocess import preprocess_image, resize, square_crop
-from src.explain.cam import explain_ensemble, explain_tensor, resize_map, resolve_target_layer
-from src.explain.faithfulness import ZERO_BASELINE, localisation, perturbation_score, random_map, summarise
+from src.explain.cam import (
+    explain_ensemble,
+    explain_tensor,
+    resize_map,
+    resolve_target_layer,
+)
+from src.explain.faithfulness import (
+    ZERO_BASELINE,
+    localisation,
+    perturbation_score,
+    random_map,
+    summarise,
+)
 from src.explain.figures import SheetItem, caption, save_contact_sheet, save_overlay
 from src.model.factory import load_checkpoint, to_input
 
@@ -201,10 +219,14 @@ def explain_row(fm: FoldModel, store: PreparedStore, row: int, cfg: GradcamParam
 
 
 def run_gradcam(params: Params, *, log_to_mlflow: bool = True) -> dict[str, float]:
-    """The stage: explain, measure, write `gradcam.out` atomically, log to the CV parent run."""
+    """The stage: explain, measure, write `gradcam.out` atomically, log to the CV parent run.
+    Returns metrics.json's contents: the metrics plus their provenance (CV run, checkpoints' hash)."""
     cfg = params.gradcam
     store = PreparedStore.open(params.prepare.out)
     cv = read_cv(params.train.out)
+    # The CV's whole ensemble (all K folds), not only the folds explained here: register
+    # compares it with the checkpoints it registers.
+    provenance = cv_provenance(params.train.out, cv)
     client = open_parent_run(params.mlflow, params.train.out, cv.parent_run_id)[0] if log_to_mlflow else None
     masks_root = masks_folder(params)
     if masks_root is not None and not masks_root.is_dir():
@@ -217,7 +239,7 @@ def run_gradcam(params: Params, *, log_to_mlflow: bool = True) -> dict[str, floa
     rows: list[dict[str, Any]] = []
     # The figures folder is swapped in whole; metrics.json is written last inside that block,
     # so a failure anywhere leaves the previous run's outputs as they were.
-    with atomic_dir(Path(cfg.out) / IMAGES_DIR) as tmp:
+    with atomic_dir(Path(cfg.out) / IMAGES_DIR, "gradcam.out") as tmp:
         examples: list[SheetItem] = []
         for cls, indices in chosen.items():
             (tmp / cls).mkdir(parents=True, exist_ok=True)
@@ -244,7 +266,8 @@ def run_gradcam(params: Params, *, log_to_mlflow: bool = True) -> dict[str, floa
         keys = ["correct", *(LOCALISATION_KEYS if masks_root is not None else ())]
         if cfg.perturbation != "none":
             keys += [cfg.perturbation] + ([] if cfg.perturbation in ZERO_BASELINE else [f"{cfg.perturbation}_random"])
-        metrics = {METRIC_PREFIX + k: v for k, v in summarise(rows, store.classes, keys).items()}
+        metrics = with_provenance({METRIC_PREFIX + k: v for k, v in summarise(rows, store.classes, keys).items()},
+                                  provenance)
         atomic_write_text(tmp / IMAGES_FILE, pd.DataFrame(rows).drop(columns=["seconds_cam"]).to_csv(index=False))
         seconds = float(np.mean([r["seconds_cam"] for r in rows])) if rows else math.nan
         if client is not None:
@@ -268,7 +291,7 @@ def _log_to_parent(client, run_id: str, folder: Path, metrics: dict[str, float],
     from mlflow.entities import Metric, RunTag
 
     now = int(time.time() * 1000)
-    finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
+    finite = {k: float(v) for k, v in numeric(metrics).items() if np.isfinite(v)}  # not the provenance strings
     if np.isfinite(seconds):
         finite[METRIC_PREFIX + "seconds_per_image"] = seconds
     layers = sorted({fm.layer_name or "input" for fm in models.values()})

@@ -26,13 +26,23 @@ import pandas as pd
 import torch
 
 from src.artifacts.checkpoint import CHECKPOINT_FILE, META_FILE
-from src.artifacts.cv_run import (CV_FILE, PREDICTIONS_FILE, STATE_FILE, CvRun, fold_complete, fold_dir, peek_cv,
-                                  read_fold_predictions, write_cv)
+from src.artifacts.cv_run import (
+    CV_FILE,
+    PREDICTIONS_FILE,
+    STATE_FILE,
+    CvRun,
+    fold_complete,
+    fold_dir,
+    peek_cv,
+    read_fold_predictions,
+    write_cv,
+)
 from src.artifacts.store import PreparedStore
 from src.core import tracking
 from src.core.config import Params, flatten
 from src.core.errors import BoneHealthError
 from src.core.fileio import atomic_write_json
+from src.core.redact import redact_params
 from src.core.runtime import select_device
 from src.data.dataset import dataset_name
 from src.evaluation.metrics import auc_score, classification_metrics
@@ -269,7 +279,8 @@ def run_cv(params: Params, *, resume: bool = True, ctx: Dist | None = None, devi
             "store": str(store.root),
             "mode": str(store.meta.get("mode", "")),
         }
-        parent = client.create_run(experiment_id, run_name=run_name(params, store), tags=tags)
+        # settings-derived values (the store path, say) are shown in the UI: no URL password in them
+        parent = client.create_run(experiment_id, run_name=run_name(params, store), tags=redact_params(tags))
         state = {"fingerprint": fp, "parent_run_id": parent.info.run_id, "folds": {}, "running": {},
                  "sessions": 0}
     (out / CV_FILE).unlink(missing_ok=True)  # a cv.json that is present is a finished one

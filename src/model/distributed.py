@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from src.core.errors import BoneHealthError
+from src.core.redact import redact_url
 from src.core.runtime import select_device
 
 log = logging.getLogger(__name__)
@@ -149,5 +150,5 @@ def relaunch(devices: int, module: str, argv: list[str]) -> int:
     `python -m src.train` (and the DVC stage) needs no launcher of its own.
     """
     cmd = relaunch_command(devices, module, argv)
-    log.info("train.devices=%d: relaunching under torchrun: python %s", devices, " ".join(cmd[1:]))
+    log.info("train.devices=%d: relaunching under torchrun: python %s", devices, redact_url(" ".join(cmd[1:])))
     return subprocess.run(cmd, check=False).returncode

@@ -5,6 +5,10 @@ champion on register.gate: its gate metric improves by more than nothing and at 
 `min_gain`, and its sensitivity falls by no more than `max_sensitivity_drop` (a screening
 aid that misses more disease is not better, whatever its AUC).  The numbers are read from
 the versions' own `metric.<name>` tags, written by register, so old runs' files are not needed.
+Before any gate the challenger's tags must belong to it: the CV run its metrics were computed
+from (`metrics_cv_parent_run_id`) must be the CV run it was registered from (`cv_parent_run_id`),
+likewise the checkpoints' hash; a mismatch is refused outright, a version registered before
+these tags existed only with --force.
 
 Every move is recorded twice: a `champion_history` tag on the registered model (the ordered
 log that --rollback replays as a stack), and on each version the periods it held the alias
@@ -22,7 +26,14 @@ from src.core.config import GateParams, Params
 from src.core.errors import BoneHealthError
 from src.core.text_table import text_table
 from src.core.tracking import configure
-from src.serving.registry import METRIC_TAG_PREFIX, current_user, utc_now
+from src.serving.registry import (
+    CHECKPOINTS_TAG,
+    METRIC_TAG_PREFIX,
+    METRICS_CHECKPOINTS_TAG,
+    METRICS_CV_TAG,
+    current_user,
+    utc_now,
+)
 
 HISTORY_TAG = "champion_history"
 PERIODS_TAG = "champion_periods"
@@ -43,6 +54,29 @@ class Outcome:
     previous: str | None  # the champion version before it
     reasons: list[str] = field(default_factory=list)
     table: str = ""
+
+
+# ------------------------------------------------------------------ metrics provenance
+def check_metrics_provenance(name: str, mv, *, force: bool) -> list[str]:
+    """Refuse a version whose metric tags were computed for another CV than the one it was
+    registered from (the gate would judge another model's numbers); --force cannot override
+    that.  A version registered before the provenance tags existed is refused unless --force;
+    the returned reasons say that it was forced."""
+    tags, where = mv.tags, f"{name} version {mv.version}"
+    metrics_run, registered_run = tags.get(METRICS_CV_TAG), tags.get("cv_parent_run_id")
+    if not metrics_run:
+        if force:
+            return [f"--force: {where} has no {METRICS_CV_TAG!r} tag; its metrics were not checked against its CV"]
+        raise BoneHealthError(f"{where}: no {METRICS_CV_TAG!r} tag (registered before metrics provenance was recorded), "
+                              "so its metrics may be another CV's; re-register it with `python -m src.register` "
+                              "after `python -m src.evaluate`, or promote it anyway with --force")
+    if metrics_run != registered_run:
+        raise BoneHealthError(f"{where}: tag {METRICS_CV_TAG}={metrics_run} but it was registered from CV run "
+                              f"{registered_run} (tag cv_parent_run_id); its metric tags are another CV's, re-register it")
+    if tags.get(METRICS_CHECKPOINTS_TAG) != tags.get(CHECKPOINTS_TAG):
+        raise BoneHealthError(f"{where}: tag {METRICS_CHECKPOINTS_TAG} differs from {CHECKPOINTS_TAG} (both of CV run "
+                              f"{registered_run}): its metrics are of other checkpoints, re-register it")
+    return []
 
 
 # ------------------------------------------------------------------------ the gate
@@ -207,6 +241,7 @@ def promote(params: Params, *, force: bool = False) -> Outcome:
     if champion is not None and champion.version == challenger.version:
         return Outcome(False, "unchanged", str(champion.version), str(champion.version),
                        [f"version {challenger.version} already holds {cfg.champion_alias!r}"], table)
+    checked = check_metrics_provenance(cfg.name, challenger, force=force)
     if champion is None:
         action, reasons = "first", [f"no version holds {cfg.champion_alias!r} yet: the challenger takes it without a gate"]
     else:
@@ -219,6 +254,8 @@ def promote(params: Params, *, force: bool = False) -> Outcome:
             reasons = reasons + ["--force: promoted although the gate refused"]
         else:
             return Outcome(False, "refused", str(champion.version), str(champion.version), reasons, table)
+    if checked:  # the move needed --force whatever the gate said: record it as forced
+        action, reasons = "force", reasons + checked
     old = None if champion is None else str(champion.version)
     client.set_registered_model_alias(cfg.name, cfg.champion_alias, challenger.version)
     _record_move(client, cfg.name, action=action, old=old, new=str(challenger.version), reasons=reasons)

@@ -26,27 +26,64 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from src.artifacts.checkpoint import CHECKPOINT_FILE, META_FILE, CheckpointMeta, read_meta
-from src.artifacts.cv_run import CvRun, fold_checkpoint_dirs, open_parent_run, read_cv
-from src.artifacts.metrics_file import METRICS_FILE, numeric, read_metrics
+from src.artifacts.checkpoint import (
+    CHECKPOINT_FILE,
+    META_FILE,
+    CheckpointMeta,
+    read_meta,
+)
+from src.artifacts.cv_run import (
+    CV_FILE,
+    CvRun,
+    cv_provenance,
+    fold_checkpoint_dirs,
+    open_parent_run,
+    read_cv,
+)
+from src.artifacts.metrics_file import (
+    Provenance,
+    check_provenance,
+    metrics_path,
+    numeric,
+    read_metrics,
+)
 from src.artifacts.model_ref import CHECKPOINT_PREFIX
 from src.artifacts.source_data import is_within
 from src.artifacts.store import MANIFEST_FILE, PreparedStore
 from src.artifacts.store import META_FILE as STORE_META_FILE
 from src.core.config import Params, flatten
 from src.core.errors import BoneHealthError
-from src.core.fileio import atomic_write_json, atomic_write_text, read_json_object, sha256_file
+from src.core.fileio import (
+    atomic_write_json,
+    atomic_write_text,
+    read_json_object,
+    sha256_file,
+)
+from src.core.redact import redact_params
 from src.core.tracking import git_commit, log_params_flat
 from src.data.dataset import dataset_name
 from src.model.fit import train_all
 from src.serving.model_card import build_metadata, render_markdown
-from src.serving.pyfunc_model import BOX_COLUMNS, CARD_KEY, IMAGE_COLUMN, PREDICTED_COLUMN, prob_column
+from src.serving.pyfunc_model import (
+    BOX_COLUMNS,
+    CARD_KEY,
+    IMAGE_COLUMN,
+    PREDICTED_COLUMN,
+    prob_column,
+)
 
 CARD_FILE = "model_card.md"
 CARD_METADATA_FILE = "metadata.json"  # its name in the run, as in a MONAI bundle
 LOCAL_METADATA_FILE = "model_card.json"  # its name in register.out, beside evaluate's files
 RESULT_FILE = "registered.json"
 METRIC_TAG_PREFIX = "metric."
+# Where the version's metric.<name> tags came from (evaluate's metrics.json provenance), next to
+# `cv_parent_run_id`/`checkpoints_sha256` (what was registered): promote checks they agree.
+METRICS_CV_TAG = "metrics_cv_parent_run_id"
+METRICS_CHECKPOINTS_TAG = "metrics_checkpoints_sha256"
+CHECKPOINTS_TAG = "checkpoints_sha256"
+EVALUATE_CMD = "python -m src.evaluate"
+GRADCAM_CMD = "python -m src.gradcam"
 MODEL_ARTIFACT_NAME = "model"
 SRC_DIR = Path(__file__).resolve().parents[1]  # the `src` package: the model's code
 PYFUNC_ENTRY = Path(__file__).resolve().parent / "pyfunc_entry.py"  # models-from-code: MLflow runs this file
@@ -67,6 +104,27 @@ class Registered:
 
 
 # ----------------------------------------------------------------------------- inputs
+def cv_metrics(params: Params, expected: Provenance) -> dict[str, float | int]:
+    """Evaluate's numbers, refused unless computed from the CV being registered: after
+    `train --set train.out=B` without evaluate, metrics.json still holds CV A's figures."""
+    path = metrics_path(params.evaluate.out)
+    raw = read_metrics(params.evaluate.out, "evaluation metrics", f"run `{EVALUATE_CMD}` first")
+    check_provenance(raw, path, expected, Path(params.train.out) / CV_FILE, EVALUATE_CMD)
+    metrics = numeric(raw)
+    gate_metrics_present(metrics, params, path)
+    return metrics
+
+
+def gradcam_metrics(params: Params, expected: Provenance) -> dict[str, float | int] | None:
+    """Grad-CAM's numbers for the model card, held to the same rule; None when the stage has not run."""
+    path = metrics_path(params.gradcam.out)
+    if not path.is_file():
+        return None
+    raw = read_metrics(params.gradcam.out, "Grad-CAM metrics")
+    check_provenance(raw, path, expected, Path(params.train.out) / CV_FILE, GRADCAM_CMD)
+    return numeric(raw)
+
+
 def gate_metrics_present(metrics: dict[str, Any], params: Params, path: Path) -> None:
     """The gate compares these later; a version without them could never be judged."""
     for key in (params.register.gate.metric, params.register.gate.sensitivity_metric):
@@ -166,11 +224,15 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={version}" for name, version in installed_versions(RUNTIME_DISTRIBUTIONS).items()]
 
 
-def version_tags(*, params: Params, cv: CvRun, metrics: dict[str, float], data: dict[str, Any],
-                 git: str, strategy: str, n_models: int, meta: CheckpointMeta) -> dict[str, str]:
+def version_tags(*, params: Params, cv: CvRun, metrics: dict[str, float], provenance: Provenance,
+                 data: dict[str, Any], git: str, strategy: str, n_models: int, meta: CheckpointMeta) -> dict[str, str]:
     tags = {f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in metrics.items()}
     tags.update({
         "cv_parent_run_id": cv.parent_run_id,
+        CHECKPOINTS_TAG: provenance.checkpoints_sha256,
+        # register checked these equal the two above; promote checks again on the version itself.
+        METRICS_CV_TAG: provenance.cv_parent_run_id,
+        METRICS_CHECKPOINTS_TAG: provenance.checkpoints_sha256,
         "fold_run_ids": json.dumps(cv.fold_run_ids, sort_keys=True),
         "git_commit": git,
         "manifest_sha256": str(data["manifest_sha256"]),
@@ -180,7 +242,7 @@ def version_tags(*, params: Params, cv: CvRun, metrics: dict[str, float], data: 
         "model": meta.model,
         "classes": json.dumps(list(meta.classes)),
         "positive_class": str(meta.positive_class),
-        "params": json.dumps(flatten(params), sort_keys=True, default=str),
+        "params": json.dumps(redact_params(flatten(params)), sort_keys=True, default=str),
         "registered_by": current_user(),
         "registered_at": utc_now(),
     })
@@ -228,10 +290,9 @@ def register(params: Params, *, strategy: str | None = None) -> Registered:
     cv = read_cv(train_out)
     dirs = fold_checkpoint_dirs(train_out, cv)
     meta = read_meta(dirs[0])
-    metrics = numeric(read_metrics(params.evaluate.out, "evaluation metrics", "run `python -m src.evaluate` first"))
-    gate_metrics_present(metrics, params, Path(params.evaluate.out) / METRICS_FILE)
-    gradcam_path = Path(params.gradcam.out) / METRICS_FILE
-    gradcam = numeric(read_metrics(params.gradcam.out, "Grad-CAM metrics")) if gradcam_path.is_file() else None
+    checked = cv_provenance(train_out, cv)  # what the metrics files must say they were computed from
+    metrics = cv_metrics(params, checked)
+    gradcam = gradcam_metrics(params, checked)
     data = store_info(params, meta)
     git = git_commit()
     client, parent = open_parent_run(params.mlflow, train_out, cv.parent_run_id)
@@ -245,12 +306,13 @@ def register(params: Params, *, strategy: str | None = None) -> Registered:
         versions = installed_versions(RUNTIME_DISTRIBUTIONS)
         provenance = {"strategy": strategy, "model": meta.model, "n_models": len(members),
                       "best_epochs": ", ".join(str(read_meta(d).best_epoch or "?") for d in members),
-                      "git_commit": git, "cv_parent_run_id": cv.parent_run_id, "registered_at": utc_now()}
+                      "git_commit": git, "cv_parent_run_id": cv.parent_run_id,
+                      "checkpoints_sha256": checked.checkpoints_sha256, "registered_at": utc_now()}
         card_meta = build_metadata(name=cfg.name, version=None, strategy=strategy, meta=meta, n_models=len(members),
                                    cv_metrics=metrics, gradcam_metrics=gradcam, data=data, provenance=provenance,
                                    versions=versions)
-        tags = version_tags(params=params, cv=cv, metrics=metrics, data=data, git=git, strategy=strategy,
-                            n_models=len(members), meta=meta)
+        tags = version_tags(params=params, cv=cv, metrics=metrics, provenance=checked, data=data, git=git,
+                            strategy=strategy, n_models=len(members), meta=meta)
 
         with mlflow.start_run(run_name=f"register-{strategy}", experiment_id=parent.info.experiment_id,
                               tags={"mlflow.parentRunId": parent.info.run_id, "stage": "register",

@@ -35,7 +35,18 @@ from src.artifacts.source_data import ANNOTATIONS_NAME, MANIFEST_NAME
 from src.core.config import PhantomParams
 from src.core.errors import BoneHealthError
 from src.core.fileio import atomic_dir
-from src.synthetic.anatomy import FORAMEN_D, FORAMEN_H_MM, V_MID, V_OCC, Anatomy, Field, Patient, Visit, acquire, draw_anatomy
+from src.synthetic.anatomy import (
+    FORAMEN_D,
+    FORAMEN_H_MM,
+    V_MID,
+    V_OCC,
+    Anatomy,
+    Field,
+    Patient,
+    Visit,
+    acquire,
+    draw_anatomy,
+)
 
 MANIFEST_COLUMNS = ["file", "patient_id", "class", "box_x", "box_y", "box_w", "box_h"]
 TRUTH_COLUMNS = ["file", "patient_id", "class", "label", "visit", "severity", "cortex_mm", "mm_per_px"]
@@ -217,7 +228,7 @@ def generate(p: PhantomParams) -> dict:
     planned = plan(p)
     boxes: dict[str, tuple] = {}
     truth_rows = []
-    with atomic_dir(out) as tmp_out, atomic_dir(masks_out) as tmp_masks:
+    with atomic_dir(out, "phantom.out") as tmp_out, atomic_dir(masks_out, "phantom.masks_out") as tmp_masks:
         for cls in p.classes:
             (tmp_out / cls).mkdir(parents=True)
             (tmp_masks / cls).mkdir(parents=True)

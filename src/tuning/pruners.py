@@ -10,6 +10,7 @@ from optuna.trial import TrialState
 
 from src.core.config import Params
 
+
 def make_pruner(params: Params):
     cfg = params.tune
     if cfg.pruner == "none":

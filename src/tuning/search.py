@@ -24,9 +24,18 @@ from src.core.errors import BoneHealthError
 from src.core.fileio import atomic_write_text
 from src.core.params_file import merge_fragment
 from src.core.plotting import pyplot
+from src.core.redact import redact_params, redact_url
 from src.evaluation.metrics import auc_score
 from src.model.fit import train_fold
-from src.tuning.study import KIND_TAG, STUDY_TAG, Heartbeat, count_counted, open_study, recover_stale_trials, study_lock
+from src.tuning.study import (
+    KIND_TAG,
+    STUDY_TAG,
+    Heartbeat,
+    count_counted,
+    open_study,
+    recover_stale_trials,
+    study_lock,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +76,11 @@ def study_parent_run(params: Params, url: str) -> str:
                                                        f"and tags.`{KIND_TAG}` = 'tune-study'", max_results=1)
     if found:
         return found[0].info.run_id
-    run = client.create_run(exp_id, run_name=f"tune-{params.tune.study_name}", tags={
-        STUDY_TAG: params.tune.study_name, KIND_TAG: "tune-study", "optuna.storage": url.split("@")[-1],
+    run = client.create_run(exp_id, run_name=f"tune-{params.tune.study_name}", tags=redact_params({
+        STUDY_TAG: params.tune.study_name, KIND_TAG: "tune-study", "optuna.storage": redact_url(url),
         "mlflow.source.git.commit": tracking.git_commit(), "objective": params.tune.objective,
         "pruner": params.tune.pruner,
-    })
+    }))
     with mlflow.start_run(run_id=run.info.run_id):
         tracking.log_params_flat({k: v for k, v in flatten(params).items() if not k.startswith("tune.space")})
         mlflow.log_dict({k: v.model_dump(exclude_none=True) for k, v in params.tune.space.items()}, "search_space.json")
@@ -88,7 +97,7 @@ class TrialRun:
             "optuna.trial_number": str(trial.number),
             **({"optuna.retry_of": str(trial.user_attrs["retry_of"])} if "retry_of" in trial.user_attrs else {}),
         }).info.run_id
-        for key, value in values.items():
+        for key, value in redact_params(values).items():  # a categorical could list URLs
             self.client.log_param(self.run_id, key, value)
 
     def log_fold(self, fold: int, metrics: dict[str, float]) -> None:

@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from src.core.config import Params
 from src.core.errors import BoneHealthError
+from src.core.redact import redact_url
 from src.tuning.pruners import make_pruner
 
 STUDY_TAG = "bone_health.tune_study"
@@ -44,11 +45,13 @@ def open_storage(url: str):
         warnings.warn("SQLite storage is not safe for parallel workers; use the journal default or PostgreSQL",
                       stacklevel=2)
     if "://" not in url:
-        raise BoneHealthError(f"tune.storage: {url!r} is neither a journal path (*.journal) nor a database URL")
+        raise BoneHealthError(f"tune.storage: {redact_url(url)!r} is neither a journal path (*.journal) nor a database URL")
     try:
         return optuna.storages.RDBStorage(url)
     except Exception as exc:  # driver missing, server down, bad credentials ...
-        raise BoneHealthError(f"tune.storage: cannot open {url!r}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+        # the driver's message may quote the URL too: mask the whole line, not just our part
+        line = f"tune.storage: cannot open {url!r}: {type(exc).__name__}: {exc}".splitlines()[0]
+        raise BoneHealthError(redact_url(line)) from None
 
 
 def open_study(params: Params, url: str | None = None):
