@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -287,3 +288,22 @@ def test_three_classes_end_to_end(tmp_path):
     assert list(table["class"]) == ["C1", "C2", "C3"]
     assert {"class_C1_roc_auc", "class_C3_roc_auc", "oof_sensitivity"} <= set(metrics)
     assert cv.status == "FINISHED"
+
+
+def test_the_resume_fingerprint_covers_the_training_code(tmp_path):
+    """`dvc repro` after a code change reruns train; finished folds of the old code must not be reused."""
+    from src.model.cross_validation import TRAINING_PACKAGES, code_fingerprint, fingerprint
+
+    root = make_tiny_store(tmp_path / "s", n_per_class=6, folds=2)
+    params = tiny_params(tmp_path, root)
+    store = PreparedStore.open(root)
+    assert fingerprint(params, store) == fingerprint(params, store)  # stable across calls
+    # A copy of the packages: one changed byte in a trainer module changes the code fingerprint.
+    src = Path(__file__).resolve().parents[1] / "src"
+    copy = tmp_path / "src"
+    for package in TRAINING_PACKAGES:
+        shutil.copytree(src / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+    assert code_fingerprint(copy) == code_fingerprint()
+    engine = copy / "model" / "engine.py"
+    engine.write_text(engine.read_text() + "\n# a changed trainer\n")
+    assert code_fingerprint(copy) != code_fingerprint()

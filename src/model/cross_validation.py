@@ -52,6 +52,9 @@ from src.model.fit import FoldResult, input_size, train_fold
 from src.model.fold_parallel import train_folds_in_parallel
 
 log = logging.getLogger(__name__)
+SRC_ROOT = Path(__file__).resolve().parents[1]
+# The code a fold's numbers depend on (the train stage's dvc.yaml deps, less the entry module).
+TRAINING_PACKAGES = ("core", "artifacts", "data", "evaluation", "model")
 
 EPOCH_METRICS = ("train_loss", "val_loss", "val_auc", "lr", "images_per_s")
 
@@ -66,9 +69,19 @@ def run_name(params: Params, store: PreparedStore) -> str:
     return f"{cfg.model}_{dataset_name(params)}_{mode}{size}_b{cfg.batch_size}_e{cfg.epochs}"
 
 
+def code_fingerprint(root: Path = SRC_ROOT, packages: tuple[str, ...] = TRAINING_PACKAGES) -> str:
+    """sha256 over the source of the packages a fold's numbers depend on (paths and bytes)."""
+    h = hashlib.sha256()
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def fingerprint(params: Params, store: PreparedStore, world: int = 1) -> str:
     """What makes finished folds reusable: the training settings, the number of data-parallel
-    processes (it changes BatchNorm's batches) and the exact data."""
+    processes (it changes BatchNorm's batches), the exact data and the training code (`dvc repro`
+    after a code change reruns this stage, which must then train anew, not reuse old folds)."""
     train = params.train.model_dump(mode="json")
     # Where results go and how fast they come don't change them; `devices` is counted as `world`.
     for key in ("out", "num_workers", "threads", "devices", "fold_parallel"):
@@ -80,6 +93,7 @@ def fingerprint(params: Params, store: PreparedStore, world: int = 1) -> str:
         "manifest_sha256": store.meta.get("manifest_sha256"),
         "n_images": int(len(store.images)),
         "classes": store.classes,
+        "code": code_fingerprint(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -250,7 +264,9 @@ def run_cv(params: Params, *, resume: bool = True, ctx: Dist | None = None, devi
     state = previous if (resume and previous and previous.get("fingerprint") == fp
                          and _run_exists(client, previous.get("parent_run_id"))) else None
     if previous and state is None:
-        # Not resumable (new params, new data, or --no-resume): close what the old run left open.
+        # Not resumable (new params, data or code, or --no-resume): close what the old run left open.
+        log.info("train: settings, data or code differ from %s (or --no-resume): training every fold anew",
+                 out / STATE_FILE)
         for run_id in _running_run_ids(previous) + [previous.get("parent_run_id")]:
             _mark_killed(client, run_id)
     if state is not None:
