@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from src.core.cli import run_main
 from src.core.config import (
     DEFAULT_PARAMS,
     Params,
@@ -158,6 +159,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from src.core.cli import run_main
-
     sys.exit(run_main(main))
