@@ -166,3 +166,13 @@ def test_gpu_profiles_are_overlays_and_become_dvc_experiments(profile):
 def test_a_moved_key_says_where_it_went(tmp_path):
     with pytest.raises(ParamsError, match=r"key 'train\.folds' moved to prepare\.folds"):
         load_params(write(tmp_path, {"train": {"folds": 5}}))
+
+
+def test_a_repeated_key_or_section_is_refused_not_merged(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 0.01\nevaluate:\n  threshold: 0.4\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ParamsError, match=r"params\.yaml: line 5 not valid YAML \(duplicate key 'train'"):
+        load_params(path)
+    path.write_text("train:\n  lr: 0.01\n  lr: 0.02\n")
+    with pytest.raises(ParamsError, match=r"line 3 .*duplicate key 'lr'"):
+        load_params(path)

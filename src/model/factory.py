@@ -45,8 +45,14 @@ def create_model(
         path = Path(weights)
         if not path.is_file():
             raise WeightsUnavailable(f"train.weights: file not found: {path}")
-        # timm adapts the stem to in_chans and drops a classifier of the wrong size.
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path.resolve())}, **kwargs)
+        try:
+            # timm adapts the stem to in_chans and drops a classifier of the wrong size.
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path.resolve())},
+                                     **kwargs)
+        except Exception as exc:  # a pickle, zip, safetensors or key-mismatch error: each its own type
+            raise WeightsUnavailable(
+                f"train.weights: {path} is not a weights file for {name!r} (a state_dict as .safetensors, .pth "
+                f"or .bin): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:400]) from None
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs)
     offline_defaults()
