@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         was = f" (was version {outcome.previous})" if outcome.previous else ""
         print(f"{name}: {alias} -> version {outcome.champion}{was} [{outcome.action}]")
     elif outcome.action == "refused":
-        print(f"{name}: challenger NOT promoted; {alias} stays at version {outcome.champion} (override with --force)")
+        held = f"stays at version {outcome.champion}" if outcome.champion else "stays unassigned"
+        print(f"{name}: challenger NOT promoted; {alias} {held} (override with --force)")
     else:
         print(f"{name}: nothing to do; {alias} is version {outcome.champion}")
     return 0

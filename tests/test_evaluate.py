@@ -135,3 +135,18 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert run_main(evaluate_main, ["--params", str(pfile)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {out / 'cv.json'}: not found; run `python -m src.train` first"]
+
+
+def test_a_collapsed_fold_is_flagged_in_metrics_and_on_the_console(tmp_path, capsys):
+    params, manifest, probs, parent = fake_cv(tmp_path)
+    path = fold_dir(params.train.out, 0) / "test_predictions.csv"
+    frame = pd.read_csv(path)
+    frame["prob_C3"] = 0.5 + 0.001 * np.linspace(-1, 1, len(frame))  # one answer for everyone
+    frame["prob_C1"] = 1.0 - frame["prob_C3"]
+    frame.to_csv(path, index=False)
+    assert run_main(evaluate_main, ["--params", write_params(params, tmp_path / "params.yaml")]) == 0
+    metrics = json.loads((Path(params.evaluate.out) / "metrics.json").read_text())
+    assert metrics["n_collapsed_folds"] == 1 and metrics["fold_min_prob_spread"] == pytest.approx(0.002)
+    assert "fold 0's test probabilities of C3 span only 0.0020 (< evaluate.collapse_spread 0.05)" in capsys.readouterr().err
+    folds = pd.read_csv(Path(params.evaluate.out) / "fold_metrics.csv")
+    assert folds["prob_spread"].iloc[0] == pytest.approx(0.002) and (folds["prob_spread"].iloc[1:] > 0.05).all()

@@ -307,3 +307,22 @@ def test_promote_without_registered_model_is_one_line(tmp_path, store):
     params = make_params(tmp_path, store=store, name="never-registered")
     with pytest.raises(BoneHealthError, match=r"no registered model 'never-registered'.*src\.register"):
         promote(params)
+
+
+def test_the_floor_stops_a_chance_level_model_even_as_the_first_champion(tmp_path, store, capsys):
+    """A model whose AUC CI reaches chance is never promoted on its point estimate, first one included."""
+    params = make_params(tmp_path, store=store, name="floor-model")
+    make_pipeline_outputs(params, oof_roc_auc=0.51, oof_roc_auc_ci_low=0.39, oof_roc_auc_ci_high=0.63)
+    version = register(params).version
+    refused = promote(params)
+    assert not refused.moved and refused.action == "refused" and refused.champion is None
+    assert "oof_roc_auc_ci_low 0.3900 is not above register.gate.floor 0.5" in refused.reasons[0]
+    code = promote_main(["--params", write_params(params, tmp_path / "params.yaml")])
+    printed = capsys.readouterr().out
+    assert code == 0 and "NOT promoted" in printed and "champion stays unassigned" in printed
+    forced = promote(params, force=True)
+    assert forced.moved and forced.action == "force" and forced.champion == version
+    assert any("floor" in r for r in forced.reasons)
+    # the floor can be switched off for a metric without a chance level
+    params.register.gate.floor = None
+    assert promote(params).action == "unchanged"

@@ -215,6 +215,9 @@ class EvaluateParams(Section):
     ci: float = Field(0.95, gt=0.5, lt=1.0)
     calibration_bins: int = Field(10, ge=2)
     seed: int = 0
+    collapse_spread: float = Field(0.05, ge=0.0, lt=1.0,
+        description="a fold whose test probabilities (positive class) span less than this is\n"
+                    "flagged as collapsed: it outputs a near-constant probability")
 
 
 # ------------------------------------------------------------------------ gradcam
@@ -338,6 +341,9 @@ class GateParams(Section):
     sensitivity_metric: str = "oof_sensitivity"
     max_sensitivity_drop: float = Field(0.02, ge=0.0, le=1.0,
         description='tolerated loss of sensitivity vs the champion')
+    floor: Optional[float] = Field(0.5,
+        description="the gate metric's CI must clear this, first champion included (AUC: chance\n"
+                    "is 0.5; maximize: ci_low above it, minimize: ci_high below it); null: none")
 
 
 class RegisterParams(Section):

@@ -4,6 +4,7 @@ exactly once, by the one fold model that never saw it; metrics, tables and plots
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from src.evaluation.plots import (
     write_csv,
 )
 
+log = logging.getLogger(__name__)
 OOF_FILE = "oof_predictions.csv"
 FOLD_TABLE = "fold_metrics.csv"
 CLASS_TABLE = "per_class_metrics.csv"
@@ -58,8 +60,10 @@ def compute_metrics(oof: pd.DataFrame, classes: list[str], positive: str, cfg) -
     for fold, part in oof.groupby("fold", sort=True):
         m = classification_metrics(part["label"].to_numpy(dtype=int), part[cols].to_numpy(dtype=np.float64),
                                    pos, cfg.threshold, cfg.calibration_bins)
+        p_pos = part[cols[pos]].to_numpy(dtype=np.float64)
         rows.append({"fold": int(fold), **{k: m[k] for k in METRIC_KEYS}, "n": m["n"],
-                     "n_patients": int(part["patient"].nunique())})
+                     "n_patients": int(part["patient"].nunique()),
+                     "prob_spread": float(p_pos.max() - p_pos.min()) if len(p_pos) else float("nan")})
     folds = pd.DataFrame(rows)
     for k in METRIC_KEYS:
         values = folds[k].to_numpy(dtype=np.float64)
@@ -70,6 +74,15 @@ def compute_metrics(oof: pd.DataFrame, classes: list[str], positive: str, cfg) -
         per_class = pd.DataFrame(per_class_table(y, probs, classes))
         for row in per_class.to_dict("records"):
             metrics[f"class_{row['class']}_roc_auc"] = row["roc_auc"]
+    # A fold whose model answers (nearly) the same probability for everyone has learnt nothing,
+    # whatever its AUC says on a few images: flag it where the user and the gate look.
+    collapsed = folds[folds["prob_spread"] < cfg.collapse_spread]
+    for row in collapsed.itertuples():
+        log.warning("warning: fold %d's test probabilities of %s span only %.4f (< evaluate.collapse_spread %g): "
+                    "its model outputs a near-constant probability", row.fold, positive, row.prob_spread,
+                    cfg.collapse_spread)
+    metrics["fold_min_prob_spread"] = float(folds["prob_spread"].min())
+    metrics["n_collapsed_folds"] = int(len(collapsed))
     metrics.update({"n_images": int(len(oof)), "n_patients": int(oof["patient"].nunique()),
                     "n_folds": int(oof["fold"].nunique()), "threshold": float(cfg.threshold),
                     "bootstrap_resamples": int(ci.n_resamples)})

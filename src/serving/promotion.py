@@ -95,6 +95,25 @@ def _usable(value: float | None) -> bool:
     return value is not None and not math.isnan(value)
 
 
+def floor_decision(challenger: dict[str, float], gate: GateParams) -> Decision:
+    """An absolute bar, first champion included: the gate metric's confidence interval must lie
+    on the good side of `gate.floor` (chance for AUC), so a model whose CI reaches chance is never
+    promoted on its point estimate alone."""
+    if gate.floor is None:
+        return Decision(True)
+    side, bound = ("ci_low", "above") if gate.direction == "maximize" else ("ci_high", "below")
+    key = f"{gate.metric}_{side}"
+    value = challenger.get(key)
+    if not _usable(value):
+        return Decision(False, [f"challenger has no usable {key!r} (tag {METRIC_TAG_PREFIX}{key}): cannot check "
+                                f"register.gate.floor {gate.floor:g}; use --force"])
+    ok = value > gate.floor if gate.direction == "maximize" else value < gate.floor
+    if ok:
+        return Decision(True, [f"{key} {value:.4f} clears the floor {gate.floor:g}"])
+    return Decision(False, [f"{key} {value:.4f} is not {bound} register.gate.floor {gate.floor:g}: the CI of "
+                            f"{gate.metric} reaches chance; the challenger is not promoted (override: --force)"])
+
+
 def gate_decision(challenger: dict[str, float], champion: dict[str, float], gate: GateParams) -> Decision:
     """Challenger beats champion: metric gain > 0 and >= min_gain, sensitivity drop <= tolerance."""
     reasons: list[str] = []
@@ -242,8 +261,15 @@ def promote(params: Params, *, force: bool = False) -> Outcome:
         return Outcome(False, "unchanged", str(champion.version), str(champion.version),
                        [f"version {challenger.version} already holds {cfg.champion_alias!r}"], table)
     checked = check_metrics_provenance(cfg.name, challenger, force=force)
+    floor = floor_decision(version_metrics(challenger.tags), cfg.gate)
+    if not floor.promote and not force:
+        held = None if champion is None else str(champion.version)
+        return Outcome(False, "refused", held, held, floor.reasons, table)
+    if not floor.promote:
+        checked = checked + floor.reasons + ["--force: promoted although the floor refused"]
     if champion is None:
-        action, reasons = "first", [f"no version holds {cfg.champion_alias!r} yet: the challenger takes it without a gate"]
+        action, reasons = "first", [f"no version holds {cfg.champion_alias!r} yet: the challenger takes it, "
+                                    "having cleared the floor"]
     else:
         decision = gate_decision(version_metrics(challenger.tags), version_metrics(champion.tags), cfg.gate)
         reasons = decision.reasons
