@@ -292,7 +292,11 @@ def test_three_classes_end_to_end(tmp_path):
 
 def test_the_resume_fingerprint_covers_the_training_code(tmp_path):
     """`dvc repro` after a code change reruns train; finished folds of the old code must not be reused."""
-    from src.model.cross_validation import TRAINING_PACKAGES, code_fingerprint, fingerprint
+    from src.model.cross_validation import (
+        TRAINING_PACKAGES,
+        code_fingerprint,
+        fingerprint,
+    )
 
     root = make_tiny_store(tmp_path / "s", n_per_class=6, folds=2)
     params = tiny_params(tmp_path, root)
