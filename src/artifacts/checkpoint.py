@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping
 
 from src.core.errors import BoneHealthError
 from src.core.fileio import atomic_path, atomic_write_json, read_json_object
+
+if TYPE_CHECKING:  # types only: torch is imported where tensors are read or written
+    import torch
 
 CHECKPOINT_FILE = "model.pt"
 META_FILE = "meta.json"
@@ -111,8 +112,9 @@ class CheckpointMeta:
         return CheckpointMeta(**data)
 
 
-def save_checkpoint(directory: str | Path, state_dict: Mapping[str, torch.Tensor], meta: CheckpointMeta) -> Path:
+def save_checkpoint(directory: str | Path, state_dict: Mapping[str, "torch.Tensor"], meta: CheckpointMeta) -> Path:
     """Write model.pt then meta.json, each atomically; meta.json last marks it complete."""
+    import torch  # here, not at the top: evaluate, register's checks and predict's listing read meta.json only
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
@@ -132,7 +134,7 @@ def is_complete(directory: str | Path) -> bool:
     return all((Path(directory) / name).is_file() for name in (CHECKPOINT_FILE, META_FILE))
 
 
-def load_state(directory: str | Path) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
+def load_state(directory: str | Path) -> tuple[dict[str, "torch.Tensor"], CheckpointMeta]:
     """(state_dict on the CPU, meta) of a checkpoint folder, or of the folder of a model.pt."""
     directory = Path(directory)
     if directory.is_file():
@@ -141,4 +143,6 @@ def load_state(directory: str | Path) -> tuple[dict[str, torch.Tensor], Checkpoi
     weights = directory / CHECKPOINT_FILE
     if not weights.is_file():
         raise BoneHealthError(f"{weights}: checkpoint weights not found")
+    import torch  # see save_checkpoint
+
     return torch.load(weights, map_location="cpu", weights_only=True), meta

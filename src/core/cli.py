@@ -6,8 +6,8 @@ from typing import Callable
 
 from src.core.errors import BoneHealthError
 from src.core.logs import setup_logging
+from src.core.offline import offline_defaults
 from src.core.redact import redact_url
-from src.core.runtime import offline_defaults
 
 
 def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

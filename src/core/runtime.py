@@ -1,6 +1,4 @@
-"""Where and how torch runs: device choice, mixed precision, seeding, thread count, and the
-process defaults that keep a run offline.  Every stage entry and the served model call
-`offline_defaults()` explicitly; importing a module of this package changes nothing."""
+"""Where and how torch runs: device choice, mixed precision, seeding, thread count."""
 from __future__ import annotations
 
 import contextlib
@@ -11,17 +9,6 @@ import numpy as np
 import torch
 
 from src.core.errors import BoneHealthError
-
-
-def offline_defaults() -> None:
-    """No network call at run time unless the user asks for one.
-
-    albumentations 2.0.8 checks PyPI at import; timm reaches for the weights hub when
-    pretrained weights are not cached.  HF_HUB_OFFLINE=1 makes a missing cache fail in well
-    under a second; users who want downloads set HF_HUB_OFFLINE=0 themselves.
-    """
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def select_device(pref: str = "auto") -> torch.device:

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from src.core.config import AugmentParams
-from src.core.runtime import offline_defaults
+from src.core.offline import offline_defaults
 
 # Reflect instead of a black fill: black corners would be a shortcut the network could learn.
 _BORDER = cv2.BORDER_REFLECT_101

@@ -15,7 +15,7 @@ from huggingface_hub import constants as hf_constants
 
 from src.artifacts.checkpoint import CheckpointMeta, load_state
 from src.core.errors import BoneHealthError
-from src.core.runtime import offline_defaults
+from src.core.offline import offline_defaults
 
 HF_CACHE_HINT = "~/.cache/huggingface/hub (or $HF_HOME/hub)"
 

@@ -28,7 +28,7 @@ import pandas as pd
 from src.artifacts.checkpoint import CheckpointMeta
 from src.artifacts.model_ref import sorted_checkpoint_keys
 from src.core.errors import BoneHealthError, DataError
-from src.core.runtime import offline_defaults
+from src.core.offline import offline_defaults
 from src.data.imaging import read_image, read_image_bytes
 from src.data.preprocess import Box, preprocess_image
 from src.model.factory import load_checkpoint, predict_proba
