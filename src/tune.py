@@ -43,7 +43,13 @@ from src.core.errors import BoneHealthError
 from src.core.params_file import apply_to_params_file, dvc_command
 from src.core.redact import redact_url
 from src.model.distributed import launched_by_torchrun
-from src.tuning.search import best_fragment, run_worker, study_parent_run, write_outputs
+from src.tuning.search import (
+    best_fragment,
+    clean_up_killed,
+    run_worker,
+    study_parent_run,
+    write_outputs,
+)
 from src.tuning.study import (
     count_counted,
     open_study,
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return apply_best(args, params, study, parent_id)
     PreparedStore.open(params.prepare.out)  # fail early, before any worker starts
     with study_lock(params, url):
-        recover_stale_trials(study, params.tune.grace_period, params.tune.max_retry)
+        clean_up_killed(params, study, recover_stale_trials(study, params.tune.grace_period, params.tune.max_retry))
         target = count_counted(study) + params.tune.n_trials
     deadline = time.time() + params.tune.timeout if params.tune.timeout else None
     started = time.time()

@@ -292,13 +292,19 @@ def test_killed_worker_trial_is_retried_not_lost(tmp_path, store):
     url = tuning_study.storage_url(params)
     deadline = time.time() + 300
     running = []
-    while time.time() < deadline and not running:
+    # Killed once its first fold is on disk: the folder the retry must clean up (16 MB at full size).
+    def first_fold_written() -> bool:
+        return bool(running) and (search.trial_folder(params, running[0].number) / "fold_0").is_dir()
+
+    while time.time() < deadline and not first_fold_written():
         time.sleep(1)
         if Path(url.removeprefix("journal:///")).exists():
             running = [t for t in tuning_study.open_study(params, url).get_trials(states=(TrialState.RUNNING,))
                        if t.params]  # sampled: it is training now
     assert running, "the worker never started a trial"
     killed = running[0]
+    folder = search.trial_folder(params, killed.number)
+    assert folder.is_dir()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     time.sleep(params.tune.grace_period + 1)
@@ -314,6 +320,12 @@ def test_killed_worker_trial_is_retried_not_lost(tmp_path, store):
     retry = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
     assert retry[0].params == killed.params == trials[killed.number].params
+    # the killed trial's bookkeeping is closed: its MLflow run KILLED, its folder gone
+    _, client = search.mlflow_client(params)
+    run = client.get_run(trials[killed.number].user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "killed"
+    assert not folder.exists()
+    assert "trial %d's worker died" % killed.number in out
 
 
 def test_apply_writes_best_params_into_params_file_keeping_comments(tmp_path, store):

@@ -29,6 +29,7 @@ from src.evaluation.metrics import auc_score
 from src.model.fit import train_fold
 from src.tuning.study import (
     KIND_TAG,
+    MLFLOW_RUN_ATTR,
     STUDY_TAG,
     Heartbeat,
     count_counted,
@@ -87,6 +88,29 @@ def study_parent_run(params: Params, url: str) -> str:
     return run.info.run_id
 
 
+def trial_folder(params: Params, number: int) -> Path:
+    """Where a trial's fold checkpoints go while it runs (removed when it ends, unless keep_checkpoints)."""
+    return Path(params.tune.out) / "trials" / params.tune.study_name / f"{number:05d}"
+
+
+def clean_up_killed(params: Params, study, numbers: list[int]) -> None:
+    """A trial whose worker was killed left its MLflow run RUNNING and its folder behind: mark the
+    run KILLED and remove the folder (its retry trains anew under another number)."""
+    if not numbers:
+        return
+    _, client = mlflow_client(params)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for number in numbers:
+        run_id = trials[number].user_attrs.get(MLFLOW_RUN_ATTR) if number in trials else None
+        if run_id and client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "optuna.state", "killed")
+            client.set_terminated(run_id, status="KILLED")
+        if not params.tune.keep_checkpoints:
+            shutil.rmtree(trial_folder(params, number), ignore_errors=True)
+        log.info("tune: trial %d's worker died: its run is KILLED, its folder removed, its parameters re-queued",
+                 number)
+
+
 class TrialRun:
     """A child MLflow run for one trial, written through the client (safe across processes)."""
 
@@ -141,8 +165,9 @@ def run_trial(params: Params, study, trial, parent_id: str, store) -> float:
     values = suggest(trial, params)
     tparams = trial_params(params, values)
     run = TrialRun(params, parent_id, trial, values)
+    trial.set_user_attr(MLFLOW_RUN_ATTR, run.run_id)  # so a later start can close it if this worker dies
     key = "fold_test_auc" if params.tune.objective == "test_auc" else "fold_val_auc"
-    trial_dir = Path(params.tune.out) / "trials" / params.tune.study_name / f"{trial.number:05d}"
+    trial_dir = trial_folder(params, trial.number)
     order = fold_order(params, trial.number, store.n_folds)
     trial.set_user_attr("fold_order", order)
     scores: list[float] = []
@@ -174,7 +199,7 @@ def run_worker(params: Params, url: str, target: int, deadline: float | None, pa
     ran = 0
     while deadline is None or time.time() < deadline:
         with study_lock(params, url):
-            recover_stale_trials(study, params.tune.grace_period, params.tune.max_retry)
+            clean_up_killed(params, study, recover_stale_trials(study, params.tune.grace_period, params.tune.max_retry))
             if count_counted(study) >= target:
                 break
             trial = study.ask()

@@ -25,6 +25,7 @@ KIND_TAG = "bone_health.kind"
 # heartbeat went stale, in which case they are marked RETRIED and re-enqueued.
 RETRIED_ATTR = "retried"
 HEARTBEAT_ATTR = "heartbeat"
+MLFLOW_RUN_ATTR = "mlflow_run_id"  # the trial's child run, closed as KILLED when its worker dies
 
 
 def storage_url(params: Params) -> str:
