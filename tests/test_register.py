@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from registry_helpers import (
     expected_probs,
     make_params,
@@ -128,8 +129,9 @@ def test_pyfunc_by_alias_is_mean_of_fold_checkpoints(registered):
 
 def test_pyfunc_rejects_bad_base64_naming_the_row(registered):
     model = mlflow.pyfunc.load_model("models:/bone-health@challenger")
-    with pytest.raises(Exception, match=r"row 0: column 'image' is not valid base64"):
+    with pytest.raises(MlflowException, match=r"row 0: column 'image' is not valid base64") as info:
         model.predict(pd.DataFrame({"image": ["***not base64***"]}))
+    assert info.value.error_code == "INVALID_PARAMETER_VALUE"  # served as HTTP 400 with this message
 
 
 def test_crop_mode_model_uses_the_box(tmp_path, store):

@@ -78,8 +78,9 @@ def test_served_model_answers_like_predict(tmp_path):
                                      headers={"Content-Type": "application/json"}, method="POST")
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(req, timeout=60)
-        assert info.value.code in (400, 500)
-        assert "row 0: not an image" in info.value.read().decode()
+        assert info.value.code == 400  # the client's mistake, not the server's
+        error = json.loads(info.value.read().decode())
+        assert error["error_code"] == "INVALID_PARAMETER_VALUE" and "row 0: not an image" in error["message"]
     finally:
         stop_group(proc)  # SIGTERM, then SIGKILL, to the whole group
     assert proc.poll() is not None

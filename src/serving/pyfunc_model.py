@@ -24,6 +24,8 @@ from typing import Any, Iterable, Sequence
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from src.artifacts.checkpoint import CheckpointMeta
 from src.artifacts.model_ref import sorted_checkpoint_keys
@@ -212,7 +214,12 @@ class BoneHealthModel(mlflow.pyfunc.PythonModel):
 
     # Type hints make MLflow 3 accept the DataFrame as is; the signature does the validation.
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return self._ensemble.predict_frame(model_input)
+        try:
+            return self._ensemble.predict_frame(model_input)
+        except BoneHealthError as exc:
+            # The scoring server turns this into HTTP 400 with the reason in `message`; any other
+            # exception becomes a 500 whose reason is buried in `stack_trace`.
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
 
     @property
     def ensemble(self) -> Ensemble:
