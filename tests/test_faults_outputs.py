@@ -3,6 +3,7 @@ output that overlaps its inputs or a non-empty folder it did not write (src/core
 and still replaces its own outputs, marked or written by an earlier, unmarked version."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -283,3 +284,21 @@ def test_atomic_dir_marks_refuses_and_keeps_the_old_folder_on_failure(tmp_path):
     with pytest.raises(BoneHealthError, match="choose another output folder"), atomic_dir(foreign):
         pytest.fail("the block must not run")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "out"]  # no temp folders left
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o007, 0o660, 0o770),
+                                                        (0o077, 0o600, 0o700)])
+def test_atomic_outputs_respect_the_umask(tmp_path, umask, file_mode, dir_mode):
+    """Temp files are created 0600 and folders 0700; what is renamed into place must get the
+    permissions any new file would, so a lab group can read a shared project's outputs."""
+    from src.core.fileio import atomic_dir, atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        written = atomic_write_text(tmp_path / "metrics.json", "{}\n")
+        with atomic_dir(tmp_path / "store", "prepare.out") as tmp:
+            (tmp / "meta.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert written.stat().st_mode & 0o777 == file_mode
+    assert (tmp_path / "store").stat().st_mode & 0o777 == dir_mode

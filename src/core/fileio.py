@@ -15,8 +15,25 @@ from src.core.errors import BoneHealthError
 from src.core.outputs import check_replaceable, write_marker
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux says it (os.umask can only be read
+    by setting it, and another thread could create a file in between)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    # mkstemp makes 0600 files; the renamed result must get what any new file gets (a lab group
+    # reads the outputs of a shared project).
+    os.fchmod(fd, 0o666 & ~current_umask())
     os.close(fd)
     return Path(name)
 
@@ -89,6 +106,7 @@ def atomic_dir(path: str | Path, key: str | None = None) -> Iterator[Path]:
     check_replaceable(path, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700 folders (see _tmp_sibling)
     try:
         yield tmp
         write_marker(tmp, key)  # last: nothing the block logs or lists from tmp sees it
