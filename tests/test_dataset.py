@@ -178,6 +178,20 @@ def test_unreadable_files_stop_or_skip(phantom):
     assert report["n_kept"] == 12 and "C3/cut.png" not in report["kept"]
 
 
+def test_link_loops_and_dangling_links_are_reported_as_unreadable(phantom):
+    """A symlink loop or a link to nowhere is not a file to rglob: it used to vanish from the report."""
+    (phantom["root"] / "C1" / "loop_a.png").symlink_to(phantom["root"] / "C1" / "loop_b.png")
+    (phantom["root"] / "C1" / "loop_b.png").symlink_to(phantom["root"] / "C1" / "loop_a.png")
+    (phantom["root"] / "C3" / "gone.png").symlink_to(phantom["root"] / "nowhere.png")
+    ds = discover(_data(phantom), folds=3)
+    with pytest.raises(ValidationFailed, match=r"3 unreadable image\(s\), e.g. C1/loop_a.png: broken symbolic link "
+                                               r"or link loop; .*on_bad_file: skip"):
+        validate(ds, unreadable={})
+    report = validate(discover(_data(phantom, on_bad_file="skip"), folds=3), unreadable={})
+    assert {u["file"] for u in report["unreadable"]} == {"C1/loop_a.png", "C1/loop_b.png", "C3/gone.png"}
+    assert report["n_kept"] == 12 and "unreadable" in format_report(report)
+
+
 def test_crop_mode_needs_boxes(phantom):
     ds = discover(_data(phantom, manifest=None, annotations=None), folds=3)
     with pytest.raises(ValidationFailed, match=r"12 image\(s\) have no box for prepare.mode crop, e.g. C1/C1P0000_v1.png"):

@@ -151,3 +151,34 @@ def test_probe_size_reads_headers_only(tmp_path):
     assert probe_size(write_dicom(tmp_path / "a.dcm", np.zeros((3, 7), np.uint16))) == (3, 7)
     (tmp_path / "z.png").write_bytes(b"")
     assert probe_size(tmp_path / "z.png") is None
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """The first bytes of a PNG that declares width x height: what a decompression bomb shows
+    before its few KB of zlib data expand to gigabytes."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    idat = zlib.compress(b"\0" * 1024)
+    return (b"\x89PNG\r\n\x1a\n" + chunk + struct.pack(">I", len(idat)) + b"IDAT" + idat
+            + struct.pack(">I", zlib.crc32(b"IDAT" + idat)))
+
+
+def test_max_pixels_refuses_from_the_header_before_decoding(tmp_path):
+    bomb = _png_header_only(13000, 13000)  # 169 MP: 1.7 GB once decoded to float32 grey
+    with pytest.raises(DataError, match=r"bomb\.png: 13000x13000 pixels \(169\.0 MP\) exceed data\.max_pixels "
+                                        r"\(40\.0 MP\); refused before decoding"):
+        read_image_bytes(bomb, "bomb.png", max_pixels=40_000_000)
+    # a real image under the limit decodes as before; one over a small limit is refused
+    path = tmp_path / "small.png"
+    Image.fromarray(np.zeros((40, 60), np.uint8)).save(path)
+    assert read_image(path, max_pixels=40_000_000).shape == (40, 60)
+    with pytest.raises(DataError, match=r"60x40 pixels .* exceed data\.max_pixels"):
+        read_image(path, max_pixels=2000)
+    # DICOM: Rows x Columns are checked before the pixel data is touched
+    dcm = write_dicom(tmp_path / "big.dcm", np.zeros((40, 60), np.uint16))
+    with pytest.raises(DataError, match=r"big\.dcm: 60x40 pixels .* exceed data\.max_pixels"):
+        read_image(dcm, max_pixels=2000)
+

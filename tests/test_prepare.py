@@ -199,6 +199,13 @@ def test_truncated_png_stops_and_leaves_previous_store_intact(tmp_path, phantom,
     assert captured.err.strip().splitlines()[-1].startswith("error: ") and "1 unreadable image(s)" in captured.err
 
 
+def test_images_above_max_pixels_are_unreadable_not_decoded(tmp_path, phantom):
+    params = make_params(phantom, tmp_path / "p", data={"max_pixels": 1000, "on_bad_file": "stop"})
+    with pytest.raises(ValidationFailed, match=r"16 unreadable image\(s\), e.g. C1/C1P0000_v1.png: \d+x\d+ pixels .* "
+                                               r"exceed data\.max_pixels"):
+        prepare(params)
+
+
 def test_bad_files_skipped_and_store_compacted(tmp_path, phantom):
     (phantom["root"] / "C1" / "C1P0001_v1.png").write_bytes(b"")
     write_dicom(phantom["root"] / "C3" / "C3P0002_v1.dcm", None)  # no pixel data

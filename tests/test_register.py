@@ -127,6 +127,12 @@ def test_pyfunc_by_alias_is_mean_of_fold_checkpoints(registered):
     assert not np.allclose(single, out.loc[0, ["prob_C1", "prob_C3"]].to_numpy(dtype=float), atol=1e-4)
 
 
+def test_the_registered_model_keeps_the_pixel_limit(registered):
+    params = registered[0]
+    loaded = mlflow.pyfunc.load_model("models:/bone-health@challenger").unwrap_python_model()
+    assert loaded.ensemble.max_pixels == params.data.max_pixels == 40_000_000
+
+
 def test_pyfunc_rejects_bad_base64_naming_the_row(registered):
     model = mlflow.pyfunc.load_model("models:/bone-health@challenger")
     with pytest.raises(MlflowException, match=r"row 0: column 'image' is not valid base64") as info:

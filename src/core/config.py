@@ -44,6 +44,9 @@ class DataParams(Section):
     extensions: list[str] = Field(
         default_factory=lambda: [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"]
     )
+    max_pixels: Optional[int] = Field(40_000_000, ge=1,
+        description="refuse larger images from their header, before decoding (panoramics are\n"
+                    "3-13 MP; a 164 KB PNG can declare 169 MP); null: no limit")
     on_bad_file: Literal["stop", "skip"] = Field("stop",
         description='stop | skip (unreadable files, images without a box in crop mode)')
     on_label_conflict: Literal["stop", "skip"] = Field("stop",

@@ -55,7 +55,7 @@ def prepare(params: Params) -> Path:
     size = (prep.crop.size, prep.crop.size) if crop else tuple(settings.full.size)
     out = Path(prep.out)
     with atomic_dir(out, "prepare.out") as tmp:
-        infos, unreadable = _decode_into(tmp / IMAGES_FILE, ds.records, skip, settings, size)
+        infos, unreadable = _decode_into(tmp / IMAGES_FILE, ds.records, skip, settings, size, params.data.max_pixels)
         report = _validated(ds, folds, crop, unreadable=unreadable)
         kept_files = set(report["kept"])
         keep = [i for i, r in enumerate(ds.records) if r.file in kept_files]
@@ -115,14 +115,14 @@ def stored_settings(settings: PrepareParams) -> dict[str, Any]:
 
 
 def _decode_into(path: Path, records: list[ImageRecord], skip: set[str], settings: PrepareParams,
-                 size: tuple[int, int]) -> tuple[list[dict | None], dict[str, str]]:
+                 size: tuple[int, int], max_pixels: int | None) -> tuple[list[dict | None], dict[str, str]]:
     """One pass: decode + preprocess each image into row i of a memmapped images.npy."""
     images = open_images(path, settings.dtype, (len(records), *size))
     infos: list[dict | None] = [None] * len(records)
     unreadable: dict[str, str] = {}
     todo = [i for i, r in enumerate(records) if r.file not in skip]
     jobs = [(str(records[i].path), records[i].box) for i in todo]
-    for i, result in zip(todo, _run(jobs, settings.model_dump(mode="json"), settings.workers)):
+    for i, result in zip(todo, _run(jobs, settings.model_dump(mode="json"), settings.workers, max_pixels)):
         if isinstance(result, str):
             unreadable[records[i].file] = result
             continue
@@ -136,20 +136,20 @@ def _decode_into(path: Path, records: list[ImageRecord], skip: set[str], setting
     return infos, unreadable
 
 
-def _run(jobs: list[tuple[str, Any]], settings: dict, workers: int) -> Iterator[Any]:
+def _run(jobs: list[tuple[str, Any]], settings: dict, workers: int, max_pixels: int | None) -> Iterator[Any]:
     if workers <= 1 or len(jobs) < 2 * workers:
         for path, box in jobs:
-            yield process_one(path, box, settings)
+            yield process_one(path, box, settings, max_pixels)
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
         # map keeps input order, so row i is always record i whatever the worker count.
-        yield from pool.map(process_one, *zip(*jobs), [settings] * len(jobs), chunksize=8)
+        yield from pool.map(process_one, *zip(*jobs), [settings] * len(jobs), [max_pixels] * len(jobs), chunksize=8)
 
 
-def process_one(path: str, box, settings: dict) -> tuple[np.ndarray, dict] | str:
+def process_one(path: str, box, settings: dict, max_pixels: int | None = None) -> tuple[np.ndarray, dict] | str:
     """Decode + preprocess one file; a DataError becomes its reason (the file is reported)."""
     try:
-        return preprocess_image(read_image(path), settings, box)
+        return preprocess_image(read_image(path, max_pixels), settings, box)
     except DataError as exc:
         text = str(exc)
         return text[len(path) + 2:] if text.startswith(f"{path}: ") else text

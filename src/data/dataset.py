@@ -62,6 +62,8 @@ class Dataset:
     on_bad_file: str = "stop"
     on_label_conflict: str = "stop"
     ignored: list[dict[str, str]] = field(default_factory=list)  # files that are not images
+    broken: dict[str, str] = field(default_factory=dict)  # links that lead nowhere: reported as unreadable
+    max_pixels: int | None = None  # data.max_pixels: larger images are unreadable
     notes: dict[str, list] = field(default_factory=lambda: defaultdict(list))  # report-only findings
 
     def by_file(self) -> dict[str, ImageRecord]:
@@ -83,7 +85,7 @@ def discover(data, folds: int | None = None) -> Dataset:
         )
     extensions = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in data.extensions}
     ds = Dataset(root=root, classes=classes, positive_class=data.positive_class, records=[], folds=folds,
-                 on_bad_file=data.on_bad_file, on_label_conflict=data.on_label_conflict)
+                 on_bad_file=data.on_bad_file, on_label_conflict=data.on_label_conflict, max_pixels=data.max_pixels)
 
     manifest_path = sidecar(data.manifest, root, MANIFEST_NAME)
     annotations_path = sidecar(data.annotations, root, ANNOTATIONS_NAME)
@@ -92,10 +94,16 @@ def discover(data, folds: int | None = None) -> Dataset:
         if item.is_file() and not item.name.startswith(".") and item.resolve() not in sidecars:
             ds.ignored.append({"file": item.name, "reason": "not inside a class folder"})
     for label, cls in enumerate(classes):
-        for path in sorted(p for p in (root / cls).rglob("*") if p.is_file()):
+        for path in sorted((root / cls).rglob("*")):
             rel = path.relative_to(root).as_posix()
             if any(part.startswith(".") for part in path.relative_to(root).parts):
                 continue  # .DS_Store, editor swap files, a .dvc cache: never data
+            if path.is_symlink() and not path.exists():
+                # is_file() is False for a link loop or a dangling link: it would vanish unreported.
+                ds.broken[rel] = "broken symbolic link or link loop"
+                continue
+            if not path.is_file():
+                continue
             reason = _not_an_image(path, extensions)
             if reason:
                 ds.ignored.append({"file": rel, "reason": reason})
@@ -312,12 +320,12 @@ def _boxes_from_coco(ds: Dataset, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------ validate
-def find_unreadable(records: Iterable[ImageRecord]) -> dict[str, str]:
+def find_unreadable(records: Iterable[ImageRecord], max_pixels: int | None = None) -> dict[str, str]:
     """Decode every image: file -> reason for those that fail (prepare gets this for free)."""
     bad: dict[str, str] = {}
     for rec in records:
         try:
-            read_image(rec.path)
+            read_image(rec.path, max_pixels)
         except DataError as exc:
             bad[rec.file] = _reason(exc, rec)
     return bad
@@ -342,7 +350,8 @@ def validate(
     """
     folds = folds if folds is not None else ds.folds
     if unreadable is None:
-        unreadable = find_unreadable(ds.records)
+        unreadable = find_unreadable(ds.records, ds.max_pixels)
+    unreadable = {**ds.broken, **unreadable}
     excluded: dict[str, str] = {}
     errors: list[str] = []
 

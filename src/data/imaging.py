@@ -31,8 +31,9 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """The image at `path` as float32 (H, W) in [0, 1]; DataError naming the file otherwise."""
+def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+    """The image at `path` as float32 (H, W) in [0, 1]; DataError naming the file otherwise.
+    `max_pixels` (data.max_pixels) refuses a larger image from its header, before decoding."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
@@ -40,23 +41,31 @@ def read_image(path: str | Path) -> np.ndarray:
         data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return read_image_bytes(data, str(path))
+    return read_image_bytes(data, str(path), max_pixels)
 
 
-def read_image_bytes(data: bytes, name: str) -> np.ndarray:
+def read_image_bytes(data: bytes, name: str, max_pixels: int | None = None) -> np.ndarray:
     """Decode in-memory bytes (an upload, a base64 payload); `name` is used in messages and
     its extension as a hint for DICOM files that lack the 'DICM' preamble."""
     if not data:
         raise DataError(f"{name}: empty file (0 bytes)")
     if is_dicom(data, name):
-        img = _decode_dicom(data, name)
+        img = _decode_dicom(data, name, max_pixels)
     else:
-        img = _decode_raster(data, name)
+        img = _decode_raster(data, name, max_pixels)
     if img.ndim != 2 or min(img.shape) < 1:
         raise DataError(f"{name}: decoded to shape {img.shape}; expected a 2-D image")
     if not np.isfinite(img).all():
         raise DataError(f"{name}: contains NaN or infinite pixel values")
     return np.ascontiguousarray(np.clip(img, 0.0, 1.0), dtype=np.float32)
+
+
+def _check_pixels(name: str, width: int, height: int, max_pixels: int | None) -> None:
+    """A 164 KB PNG can declare 13000x13000 pixels and decode to 1.7 GB: judge the header first."""
+    if max_pixels and width * height > max_pixels:
+        raise DataError(f"{name}: {width}x{height} pixels ({width * height / 1e6:.1f} MP) exceed data.max_pixels "
+                        f"({max_pixels / 1e6:.1f} MP); refused before decoding (raise data.max_pixels for a "
+                        f"genuine radiograph this large)")
 
 
 def is_dicom(head: bytes, name: str = "") -> bool:
@@ -65,14 +74,15 @@ def is_dicom(head: bytes, name: str = "") -> bool:
 
 
 # ---------------------------------------------------------------- rasters (Pillow)
-def _decode_raster(data: bytes, name: str) -> np.ndarray:
+def _decode_raster(data: bytes, name: str, max_pixels: int | None = None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
             # A decompression-bomb warning on a huge but genuine radiograph is not an error.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data))  # reads the header only
+            _check_pixels(name, im.size[0], im.size[1], max_pixels)
             im.load()  # full decode: this is where a truncated file fails
     except UnidentifiedImageError:
         raise DataError(f"{name}: not an image (unrecognised format, {len(data)} bytes)") from None
@@ -180,7 +190,7 @@ def _fmt(data: bytes) -> str:
 
 
 # ---------------------------------------------------------------- DICOM (pydicom)
-def _decode_dicom(data: bytes, name: str) -> np.ndarray:
+def _decode_dicom(data: bytes, name: str, max_pixels: int | None = None) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi
@@ -197,6 +207,7 @@ def _decode_dicom(data: bytes, name: str) -> np.ndarray:
         raise DataError(f"{name}: not a DICOM file (no 'DICM' preamble and no DICOM image elements)")
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise DataError(f"{name}: DICOM has no pixel data (no PixelData element; a report or structured document?)")
+    _check_pixels(name, int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0), max_pixels)
     try:
         arr = ds.pixel_array
     except Exception as exc:  # pydicom raises many types: missing codec, short buffer, bad tags

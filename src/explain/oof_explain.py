@@ -337,7 +337,7 @@ def explain_file(params: Params, image_path: str | Path, out: str | Path, model_
     preps = {json.dumps(meta.preprocessing, sort_keys=True) for _, meta in members}
     if len(preps) != 1:
         raise BoneHealthError(f"{model_ref or params.train.out}: its checkpoints were trained on differently prepared images")
-    image = preprocess_image(read_image(image_path), meta0.prepare_settings, box)[0]
+    image = preprocess_image(read_image(image_path, params.data.max_pixels), meta0.prepare_settings, box)[0]
     classes = list(meta0.classes)
     # "true" has no meaning for a new radiograph: explain the prediction unless asked for the positive class.
     target = meta0.positive_index if cfg.target == "positive" else None

@@ -74,7 +74,7 @@ def load_ensemble(params: Params, model: str | None = None) -> Ensemble:
         configure(params.mlflow)
     with tempfile.TemporaryDirectory(prefix="predict-model-") as tmp:
         dirs = checkpoint_dirs(ref, dst=tmp)
-        return Ensemble(dirs, batch_size=params.register.batch_size)
+        return Ensemble(dirs, batch_size=params.register.batch_size, max_pixels=params.data.max_pixels)
 
 
 def read_boxes(path: str | Path) -> dict[str, Box]:

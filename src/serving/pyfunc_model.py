@@ -29,6 +29,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from src.artifacts.checkpoint import CheckpointMeta
 from src.artifacts.model_ref import sorted_checkpoint_keys
+from src.core.config import DataParams
 from src.core.errors import BoneHealthError, DataError
 from src.core.offline import offline_defaults
 from src.data.imaging import read_image, read_image_bytes
@@ -40,6 +41,8 @@ BOX_COLUMNS = ("box_x", "box_y", "box_w", "box_h")
 PREDICTED_COLUMN = "predicted"
 CARD_KEY = "model_card"
 DEFAULT_BATCH_SIZE = 16
+# Models registered before data.max_pixels existed carry no limit in their config: the default's.
+DEFAULT_MAX_PIXELS = DataParams.model_fields["max_pixels"].default
 
 
 
@@ -51,7 +54,7 @@ class Ensemble:
     """K fold checkpoints that share classes and preprocessing; predicts their mean probability."""
 
     def __init__(self, checkpoint_dirs: Sequence[str | Path], batch_size: int = DEFAULT_BATCH_SIZE,
-                 device: str = "cpu"):
+                 device: str = "cpu", max_pixels: int | None = DEFAULT_MAX_PIXELS):
         if not checkpoint_dirs:
             raise BoneHealthError("no checkpoints given: expected at least one fold_<k>/ folder with model.pt + meta.json")
         self.checkpoint_dirs = [Path(d) for d in checkpoint_dirs]
@@ -59,6 +62,7 @@ class Ensemble:
         self.models = [m for m, _ in loaded]
         self.metas: list[CheckpointMeta] = [meta for _, meta in loaded]
         self.batch_size = int(batch_size)
+        self.max_pixels = max_pixels
         self.device = device
         first = self.metas[0]
         # Averaging probabilities is only meaningful when every member saw the same inputs
@@ -95,10 +99,10 @@ class Ensemble:
         return array
 
     def prepare_bytes(self, data: bytes, name: str, box: Box | None = None) -> np.ndarray:
-        return self.prepare(read_image_bytes(data, name), box)
+        return self.prepare(read_image_bytes(data, name, self.max_pixels), box)
 
     def prepare_file(self, path: str | Path, box: Box | None = None) -> np.ndarray:
-        return self.prepare(read_image(path), box)
+        return self.prepare(read_image(path, self.max_pixels), box)
 
     # --------------------------------------------------------------- predicting
     def predict_prepared(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
@@ -210,7 +214,8 @@ class BoneHealthModel(mlflow.pyfunc.PythonModel):
         offline_defaults()
         dirs = [context.artifacts[key] for key in sorted_checkpoint_keys(context.artifacts)]
         config = getattr(context, "model_config", None) or {}
-        self._ensemble = Ensemble(dirs, batch_size=int(config.get("batch_size", DEFAULT_BATCH_SIZE)))
+        self._ensemble = Ensemble(dirs, batch_size=int(config.get("batch_size", DEFAULT_BATCH_SIZE)),
+                                  max_pixels=config.get("max_pixels", DEFAULT_MAX_PIXELS))
 
     # Type hints make MLflow 3 accept the DataFrame as is; the signature does the validation.
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:

@@ -327,7 +327,7 @@ def register(params: Params, *, strategy: str | None = None) -> Registered:
                 signature=model_signature(list(meta.classes)),
                 input_example=example,
                 pip_requirements=pip_requirements(),
-                model_config={"batch_size": cfg.batch_size},
+                model_config={"batch_size": cfg.batch_size, "max_pixels": params.data.max_pixels},
             )
             version = mlflow.register_model(info.model_uri, cfg.name, tags=tags)
             # The version number is only known now: the card names it, then goes in three places:
