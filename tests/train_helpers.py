@@ -51,7 +51,7 @@ def make_tiny_store(
             patient = f"P{label}{p:03d}"
             for k in range(images_per_patient):
                 img = rng.normal(70, noise, (size, size))
-                thick = max(1, int(round((2 + 3 * label) * scale)))
+                thick = max(1, round((2 + 3 * label) * scale))
                 top = int(rng.integers(size // 4, max(size // 4 + 1, size // 2)))
                 img[top:top + thick, :] += 120
                 img = np.clip(img, 0, 255) / 255.0 * maxval

@@ -35,6 +35,7 @@ from src.artifacts.source_data import ANNOTATIONS_NAME, MANIFEST_NAME
 from src.core.config import PhantomParams
 from src.core.errors import BoneHealthError
 from src.core.fileio import atomic_dir
+from src.core.outputs import overlaps
 from src.synthetic.anatomy import (
     FORAMEN_D,
     FORAMEN_H_MM,
@@ -139,7 +140,7 @@ def plan(p: PhantomParams) -> list[PlannedImage]:
     plan_rng = _rng(p.seed, 0)
     ids = plan_rng.permutation(2 * n) + 1  # ids say nothing about the class
     digits = max(4, len(str(2 * n)))
-    n_follow = int(round(p.followup_fraction * n)) if p.max_images_per_patient > 1 else 0
+    n_follow = round(p.followup_fraction * n) if p.max_images_per_patient > 1 else 0
     images: list[PlannedImage] = []
     for label, cls in enumerate(p.classes):
         follow = set(plan_rng.permutation(n)[:n_follow].tolist())
@@ -212,8 +213,7 @@ def _csv_text(columns: list[str], rows: list[list]) -> str:
 
 
 def _check_paths(p: PhantomParams) -> tuple[Path, Path]:
-    out, masks = Path(p.out).resolve(), Path(p.masks_out).resolve()
-    if out == masks or out in masks.parents or masks in out.parents:
+    if overlaps(p.out, p.masks_out):
         raise BoneHealthError(
             f"phantom.masks_out {p.masks_out!r} must lie outside phantom.out {p.out!r} (masks are kept apart from the images)"
         )
