@@ -146,3 +146,19 @@ def mlflow_server(backend_uri: str, artifacts: Path, env: dict | None = None) ->
         yield url
     finally:
         stop_group(proc)
+
+
+@contextlib.contextmanager
+def fault_proxy(upstream: str, rules: Path) -> Iterator[str]:
+    """tests/fault_proxy.py in front of `upstream`; the test steers it with write_rules(rules, ...)."""
+    port = free_port()
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fault_proxy", "--port", str(port), "--upstream", upstream,
+                             "--rules", str(rules)], cwd=repo, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=open(rules.with_suffix(".log"), "ab"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", timeout=60, proc=proc)
+        yield url
+    finally:
+        stop_group(proc)

@@ -34,7 +34,7 @@ from src.core.fileio import (
     sha256_file,
 )
 from src.core.redact import redact_url
-from src.core.tracking import configure, tracking_uri
+from src.core.tracking import configure, find_run, tracking_uri
 
 CV_FILE = "cv.json"
 STATE_FILE = "cv_state.json"
@@ -161,14 +161,12 @@ def load_oof(train_out: str | Path, cv: CvRun) -> tuple[pd.DataFrame, list[Check
 def open_parent_run(mlflow_cfg: MlflowParams, train_out: str | Path, run_id: str):
     """(client, run) of the CV's parent run in the configured store, or a one-line error when
     the store does not hold it (mlflow.tracking_uri changed since training, say)."""
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     configure(mlflow_cfg)
     client = MlflowClient()
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
+    run = find_run(client, run_id, mlflow_cfg)  # an unreachable store is its own error, not "missing"
+    if run is None:
         raise DataError(f"{Path(train_out) / CV_FILE}: parent run {run_id} is not in the MLflow store "
-                        f"{redact_url(tracking_uri(mlflow_cfg))}; rerun `python -m src.train` against this store") from None
+                        f"{redact_url(tracking_uri(mlflow_cfg))}; rerun `python -m src.train` against this store")
     return client, run

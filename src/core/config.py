@@ -378,6 +378,10 @@ class MlflowParams(Section):
         description='MLFLOW_TRACKING_URI wins when set')
     artifact_root: str = "mlruns/artifacts"
     experiment: str = "bone-health"
+    retries: int = Field(3, ge=0,
+        description="tries again after a tracking error that may pass (server down, database locked)")
+    retry_wait_s: float = Field(2.0, gt=0, le=600,
+        description="wait before the first retry, doubled each time")
 
 
 # `register` is also ABCMeta.register on the class; as a field it is only ever read as data.

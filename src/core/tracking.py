@@ -1,13 +1,19 @@
 """MLflow wiring shared by every stage: SQLite backend, artifacts on disk, common tags."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal, TypeVar
 
 from src.core.config import MlflowParams
-from src.core.redact import redact_params
+from src.core.errors import BoneHealthError
+from src.core.redact import redact_params, redact_url
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 
@@ -34,8 +40,87 @@ def tracking_uri(cfg: MlflowParams) -> str:
     return uri
 
 
+class TrackingUnavailable(BoneHealthError):
+    """The tracking store did not answer, or refused, a request whose answer a stage needs."""
+
+
+# Answers that are final: asking again gives the same.  Anything else (a refused connection,
+# a 5xx, a locked SQLite file, a timeout) may pass and is tried again.
+_FINAL_CODES = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "PERMISSION_DENIED",
+                "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "RESOURCE_ALREADY_EXISTS"}
+
+
+def _error_code(exc: BaseException) -> str | None:
+    return getattr(exc, "error_code", None)
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return redact_url(text if len(text) <= limit else text[:limit] + "...")
+
+
+def with_retries(what: str, call: Callable[[], T], cfg: MlflowParams) -> T:
+    """`call()`, tried again with doubling waits while the error may be transient; then one line.
+
+    A final answer from the store (not found, invalid, forbidden) is raised at once as it is: the
+    caller decides what it means.  Over HTTP MLflow also retries each request itself
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7 by default, about 4 minutes)."""
+    wait = cfg.retry_wait_s
+    for attempt in range(cfg.retries + 1):
+        try:
+            return call()
+        except BoneHealthError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified below; nothing unclassified is ignored
+            if _error_code(exc) in _FINAL_CODES:
+                raise
+            if attempt == cfg.retries:
+                raise TrackingUnavailable(
+                    f"mlflow.tracking_uri {redact_url(current_uri(cfg))}: {what} failed after "
+                    f"{cfg.retries + 1} tries ({_first_line(exc)}); nothing was deleted, rerun when the "
+                    f"tracking store answers (mlflow.retries, mlflow.retry_wait_s)") from None
+            log.warning("tracking: %s failed (%s); retrying in %.1f s (try %d of %d)",
+                        what, _first_line(exc, 160), wait, attempt + 2, cfg.retries + 1)
+            time.sleep(wait)
+            wait *= 2
+    raise AssertionError("unreachable")
+
+
+def current_uri(cfg: MlflowParams) -> str:
+    return _user_tracking_env() or cfg.tracking_uri
+
+
+RunState = Literal["active", "deleted", "missing"]
+
+
+def find_run(client, run_id: str, cfg: MlflowParams):
+    """The run, or None only when the store answers that it does not exist; an unreachable
+    or refusing store is an error, never taken for a run that is gone."""
+    try:
+        return with_retries(f"looking up run {run_id}", lambda: client.get_run(run_id), cfg)
+    except BoneHealthError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - with_retries let only final answers through
+        if _error_code(exc) == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise TrackingUnavailable(f"mlflow.tracking_uri {redact_url(current_uri(cfg))}: looking up run "
+                                  f"{run_id} was refused ({_first_line(exc)})") from None
+
+
+def run_state(client, run_id: str, cfg: MlflowParams) -> RunState:
+    """Whether a run is there to resume (see find_run)."""
+    run = find_run(client, run_id, cfg)
+    if run is None:
+        return "missing"
+    return "active" if run.info.lifecycle_stage == "active" else "deleted"
+
+
 def configure(cfg: MlflowParams) -> str:
     """Point MLflow at our store and make sure the experiment exists; returns its id."""
+    return with_retries(f"opening experiment {cfg.experiment!r}", lambda: _configure(cfg), cfg)
+
+
+def _configure(cfg: MlflowParams) -> str:
     import mlflow
 
     from_user = _user_tracking_env() is not None

@@ -39,7 +39,7 @@ from src.artifacts.cv_run import (
 )
 from src.artifacts.store import PreparedStore
 from src.core import tracking
-from src.core.config import Params, flatten
+from src.core.config import MlflowParams, Params, flatten
 from src.core.errors import BoneHealthError
 from src.core.fileio import atomic_write_json
 from src.core.redact import redact_params
@@ -106,15 +106,13 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _end_if_running(client, run_id: str | None, status: str, tags: dict[str, str] | None = None) -> bool:
+def _end_if_running(client, run_id: str | None, status: str, cfg: MlflowParams,
+                    tags: dict[str, str] | None = None) -> bool:
     """End a run still RUNNING with `status`; finished/failed runs stay as they are."""
     if not run_id:
         return False
-    try:
-        run = client.get_run(run_id)
-    except Exception:  # deleted, or another tracking store
-        return False
-    if run.info.status != "RUNNING":
+    run = tracking.find_run(client, run_id, cfg)
+    if run is None or run.info.status != "RUNNING":
         return False
     for key, value in (tags or {}).items():
         client.set_tag(run_id, key, value)
@@ -122,25 +120,17 @@ def _end_if_running(client, run_id: str | None, status: str, tags: dict[str, str
     return True
 
 
-def _mark_killed(client, run_id: str | None) -> bool:
+def _mark_killed(client, run_id: str | None, cfg: MlflowParams) -> bool:
     """KILLED for a run a dead process left RUNNING."""
-    return _end_if_running(client, run_id, "KILLED", {"bone_health.interrupted": "true"})
+    return _end_if_running(client, run_id, "KILLED", cfg, {"bone_health.interrupted": "true"})
 
 
-def _kill_orphans(client, experiment_id: str, parent_id: str) -> list[str]:
+def _kill_orphans(client, experiment_id: str, parent_id: str, cfg: MlflowParams) -> list[str]:
     """Child runs of `parent_id` still RUNNING (their process died): mark them KILLED."""
-    runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'")
-    return [r.info.run_id for r in runs if _mark_killed(client, r.info.run_id)]
-
-
-def _run_exists(client, run_id: str | None) -> bool:
-    if not run_id:
-        return False
-    try:
-        return client.get_run(run_id).info.lifecycle_stage == "active"
-    except Exception:
-        return False
+    runs = tracking.with_retries(f"listing the fold runs of {parent_id}", lambda: client.search_runs(
+        [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"),
+        cfg)
+    return [r.info.run_id for r in runs if _mark_killed(client, r.info.run_id, cfg)]
 
 
 # ----------------------------------------------------------------------------- logging
@@ -208,7 +198,8 @@ class FoldRun:
 
     def fail(self) -> None:
         try:
-            _end_if_running(self.client, self.run_id, "FAILED")
+            # no retries: the error being reported is what the user needs, and soon
+            _end_if_running(self.client, self.run_id, "FAILED", MlflowParams(retries=0))
         except Exception:  # noqa: BLE001 - the original error matters more than this bookkeeping
             pass
 
@@ -261,17 +252,26 @@ def run_cv(params: Params, *, resume: bool = True, ctx: Dist | None = None, devi
     fp = fingerprint(params, store, ctx.world)
 
     previous = _read_json(out / STATE_FILE)
-    state = previous if (resume and previous and previous.get("fingerprint") == fp
-                         and _run_exists(client, previous.get("parent_run_id"))) else None
-    if previous and state is None:
-        # Not resumable (new params, data or code, or --no-resume): close what the old run left open.
+    state = previous if resume and previous and previous.get("fingerprint") == fp else None
+    if state is not None:
+        # Finished folds are deleted below only on the store's own answer that their run is gone:
+        # an error that could not be classified stops here (tracking.run_state), folds intact.
+        parent_state = tracking.run_state(client, str(state.get("parent_run_id")), params.mlflow) \
+            if state.get("parent_run_id") else "missing"
+        if parent_state != "active":
+            log.info("train: the CV run %s of %s is %s in MLflow: training every fold anew",
+                     state.get("parent_run_id"), out / STATE_FILE, parent_state)
+            state = None
+    elif previous:
         log.info("train: settings, data or code differ from %s (or --no-resume): training every fold anew",
                  out / STATE_FILE)
+    if previous and state is None:
+        # Not resumable: close what the old run left open.
         for run_id in _running_run_ids(previous) + [previous.get("parent_run_id")]:
-            _mark_killed(client, run_id)
+            _mark_killed(client, run_id, params.mlflow)
     if state is not None:
-        killed = [r for r in _running_run_ids(state) if _mark_killed(client, r)]
-        killed += _kill_orphans(client, experiment_id, state["parent_run_id"])
+        killed = [r for r in _running_run_ids(state) if _mark_killed(client, r, params.mlflow)]
+        killed += _kill_orphans(client, experiment_id, state["parent_run_id"], params.mlflow)
         if killed:
             log.info("resume: marked interrupted fold run(s) KILLED: %s", ", ".join(sorted(set(killed))))
         state["running"] = {}

@@ -102,7 +102,8 @@ def clean_up_killed(params: Params, study, numbers: list[int]) -> None:
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     for number in numbers:
         run_id = trials[number].user_attrs.get(MLFLOW_RUN_ATTR) if number in trials else None
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
+        if run_id and (run := tracking.find_run(client, run_id, params.mlflow)) is not None \
+                and run.info.status == "RUNNING":
             client.set_tag(run_id, "optuna.state", "killed")
             client.set_terminated(run_id, status="KILLED")
         if not params.tune.keep_checkpoints:
