@@ -8,12 +8,13 @@ meta.json is written last: its presence marks a complete checkpoint.
 """
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from src.core.errors import BoneHealthError
-from src.core.fileio import atomic_path, atomic_write_json, read_json_object
+from src.core.fileio import atomic_write_bytes, atomic_write_json, read_json_object
 
 if TYPE_CHECKING:  # types only: torch is imported where tensors are read or written
     import torch
@@ -118,8 +119,11 @@ def save_checkpoint(directory: str | Path, state_dict: Mapping[str, "torch.Tenso
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    with atomic_path(directory / CHECKPOINT_FILE) as tmp:
-        torch.save(state, tmp)
+    # Serialised in memory first: written by torch.save to a full disk it is a RuntimeError
+    # ("PytorchStreamWriter failed"); written as bytes it is an ENOSPC naming the file and its size.
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(directory / CHECKPOINT_FILE, buffer.getbuffer())
     atomic_write_json(directory / META_FILE, meta.to_dict())
     return directory
 

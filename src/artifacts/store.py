@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pandas as pd
 
+from src.core.diskspace import reserve
 from src.core.errors import DataError
 from src.core.fileio import json_default, read_json_object
 
@@ -35,16 +36,33 @@ COMPACT_CHUNK = 256  # rows copied at a time when dropping skipped images from t
 
 
 # ----------------------------------------------------------------------------- writing
+def images_bytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Size of images.npy's pixels (its header adds a few hundred bytes)."""
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def _open_reserved(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A writable memmap whose disk blocks are allocated up front: a memmap page the disk
+    cannot back is a SIGBUS that kills the process, so a full disk must fail here instead."""
+    images = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    reserve(path, images.offset + images_bytes(str(images.dtype), shape))
+    return images
+
+
 def open_images(path: Path, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     """A writable memmapped images.npy: rows are filled as they are decoded (flat memory)."""
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    return _open_reserved(path, dtype, shape)
 
 
 def compact_images(path: Path, keep: list[int]) -> None:
     """Drop skipped rows: copy the kept ones into a new memmap chunk by chunk (flat memory)."""
     full = np.load(path, mmap_mode="r")
     tmp = path.with_name(f".compact.{path.name}")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=full.dtype, shape=(len(keep), *full.shape[1:]))
+    try:
+        out = _open_reserved(tmp, full.dtype, (len(keep), *full.shape[1:]))
+    except OSError as exc:  # named as the user will know it: the copy replaces images.npy
+        exc.filename = str(path)
+        raise
     for start in range(0, len(keep), COMPACT_CHUNK):
         rows = keep[start:start + COMPACT_CHUNK]
         out[start:start + len(rows)] = full[rows]

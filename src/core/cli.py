@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from src.core.diskspace import as_output_error
 from src.core.errors import BoneHealthError
 from src.core.logs import setup_logging
 from src.core.offline import offline_defaults
@@ -19,6 +20,12 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
         code = main(argv)
     except BoneHealthError as exc:
         print(f"error: {redact_url(str(exc))}", file=sys.stderr)  # an echoed URL may carry a password
+        return 2
+    except OSError as exc:  # a full disk, a read-only or forbidden output, wherever it was hit
+        converted = as_output_error(exc)
+        if converted is exc:
+            raise
+        print(f"error: {redact_url(str(converted))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -5,12 +5,15 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from src.core.diskspace import as_output_error, writing
 from src.core.errors import BoneHealthError
 from src.core.outputs import check_replaceable, write_marker
 
@@ -29,8 +32,48 @@ def current_umask() -> int:
     return mask
 
 
+def _owner_tag() -> str:
+    """Host and pid in every temporary name, so a later run can tell a dead writer's leftovers
+    (removed: a killed run may have left gigabytes) from a live writer's (kept)."""
+    return f"{re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname())[:32]}-{os.getpid()}"
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.{_owner_tag()}."
+
+
+def sweep_stale_temps(path: Path) -> list[Path]:
+    """Remove the temporary siblings of `path` whose writer, on this host, is no longer alive."""
+    host = _owner_tag().rsplit("-", 1)[0]
+    lead = f".{path.name}.{host}-"
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in path.parent.iterdir():
+            rest = entry.name[len(lead):] if entry.name.startswith(lead) else ""
+            pid = rest.split(".", 1)[0]
+            if not (pid.isdigit() and ".tmp" in rest) or _alive(int(pid)):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    with writing(path):
+        fd, name = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=f".tmp{suffix}", dir=path.parent)
     # mkstemp makes 0600 files; the renamed result must get what any new file gets (a lab group
     # reads the outputs of a shared project).
     os.fchmod(fd, 0o666 & ~current_umask())
@@ -38,22 +81,30 @@ def _tmp_sibling(path: Path, suffix: str = "") -> Path:
     return Path(name)
 
 
+def _make_parent(path: Path) -> None:
+    with writing(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling path; rename it onto `path` only if the block succeeds."""
+def atomic_path(path: str | Path, needed: int | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it onto `path` only if the block succeeds.
+    A failed write is one line naming `path` (and `needed` bytes, when known)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
+    sweep_stale_temps(path)
     tmp = _tmp_sibling(path, path.suffix)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with writing(path, needed):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
+    with atomic_path(path, len(data)) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
@@ -104,11 +155,20 @@ def atomic_dir(path: str | Path, key: str | None = None) -> Iterator[Path]:
     stays as it was."""
     path = Path(path)
     check_replaceable(path, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _make_parent(path)
+    sweep_stale_temps(path)
+    with writing(path):
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
     tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700 folders (see _tmp_sibling)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:  # name the file as it will be, not its temporary folder
+            inside = exc.filename and Path(exc.filename).is_relative_to(tmp)
+            converted = as_output_error(exc, path / Path(exc.filename).relative_to(tmp) if inside else None)
+            if converted is exc:
+                raise
+            raise converted from None
         write_marker(tmp, key)  # last: nothing the block logs or lists from tmp sees it
         check_replaceable(path, key)
         if path.exists():

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import IO, Iterator, Mapping
 
+from src.core.diskspace import writing
 from src.core.errors import BoneHealthError
 
 LOCK_SUFFIX = ".bh-lock"
@@ -31,8 +32,9 @@ def lock_file(out: str | Path) -> Path:
 
 def _acquire(key: str, out: str | Path) -> IO[str]:
     path = lock_file(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+")
+    with writing(out):  # a read-only or forbidden output shows here first: name it, not the lock file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -23,13 +23,15 @@ from src.artifacts.store import (
     META_FILE,
     REPORT_FILE,
     compact_images,
+    images_bytes,
     open_images,
     write_manifest,
     write_store_json,
 )
 from src.core.config import Params, PrepareParams
+from src.core.diskspace import require_free
 from src.core.errors import DataError
-from src.core.fileio import atomic_dir, sha256_file
+from src.core.fileio import atomic_dir, sha256_file, sweep_stale_temps
 from src.data.dataset import Dataset, ImageRecord, discover, fold_summary, validate
 from src.data.imaging import probe_size, read_image
 from src.data.preprocess import full_size, preprocess_image
@@ -54,6 +56,10 @@ def prepare(params: Params) -> Path:
     settings, source_sizes = resolve_settings(prep, todo)
     size = (prep.crop.size, prep.crop.size) if crop else tuple(settings.full.size)
     out = Path(prep.out)
+    # The store's size is known before decoding: a disk too small stops now, not hours in
+    # (after removing what a killed earlier run left, which would otherwise count as used).
+    sweep_stale_temps(out)
+    require_free(out, images_bytes(prep.dtype, (len(ds.records), *size)), "prepare.out")
     with atomic_dir(out, "prepare.out") as tmp:
         infos, unreadable = _decode_into(tmp / IMAGES_FILE, ds.records, skip, settings, size, params.data.max_pixels)
         report = _validated(ds, folds, crop, unreadable=unreadable)

@@ -344,6 +344,9 @@ def run_cv(params: Params, *, resume: bool = True, ctx: Dist | None = None, devi
         except Exception:
             for k in list(state["running"]):
                 runs[int(k)].fail()
+                # a fold that failed is trained anew on resume: its partial files only take space
+                # (the disk may be what is full)
+                shutil.rmtree(fold_dir(out, int(k)), ignore_errors=True)
             raise
         summary = aggregate(state["folds"], classes, out)
         mlflow.log_metrics(_finite({**summary, "cv_seconds_this_session": time.perf_counter() - started}))

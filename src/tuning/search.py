@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from src.artifacts.store import PreparedStore
 from src.core import tracking
 from src.core.config import Params, flatten, params_from_dict, with_values
+from src.core.diskspace import as_output_error
 from src.core.errors import BoneHealthError
 from src.core.fileio import atomic_write_text
 from src.core.params_file import merge_fragment
@@ -215,8 +216,10 @@ def run_worker(params: Params, url: str, target: int, deadline: float | None, pa
                 study.tell(trial, state=TrialState.FAIL)
                 raise
             except Exception as exc:  # one bad configuration must not end the study
-                log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
                 study.tell(trial, state=TrialState.FAIL)
+                if isinstance(exc, OSError) and as_output_error(exc) is not exc:
+                    raise  # but a full, read-only or forbidden disk fails every trial alike
+                log.warning("trial %d failed: %s: %s", trial.number, type(exc).__name__, exc)
         ran += 1
     return ran
 
