@@ -8,7 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export HF_HUB_OFFLINE ?= 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: repro test test-fast params install postgres ui server bench lock clean
+.PHONY: repro exp plots test test-fast params install postgres ui server bench lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,10 +25,25 @@ repro: $(STAMP)
 	@echo
 	@echo "Results:"
 	@echo "  prepared store + validation report: data/prepared/ (report.json)"
-	@echo "  metrics: reports/metrics.json   (dvc metrics show)"
-	@echo "  plots:   reports/plots/         (dvc plots show)"
+	@echo "  headline metrics: reports/headline.json, reports/gradcam/headline.json   (make exp, dvc metrics show)"
+	@echo "  every figure: reports/metrics.json, reports/gradcam/metrics.json"
+	@echo "  plots: learning curves, ROC, PR, calibration, confusion, Grad-CAM sheets   (make plots: offline HTML)"
 	@echo "  Grad-CAM overlays: reports/gradcam/"
 	@echo "  MLflow runs + registry: mlruns/  -> open the UI with: make ui"
+
+# `dvc exp show` cut to what people compare (it prints ~250 columns): the headline metrics of
+# every experiment and only the params that differ between the rows.  Dropped: the deps' hashes
+# (columns named by path, and train.out's `models`) and Created.  The kept names are headline.json's
+# (src/evaluation/report.py HEADLINE, src/explain/oof_explain.py HEADLINE; a test keeps them equal).
+# More rows or an order: make exp EXP_ARGS="-A --sort-by auc".
+EXP_KEEP := ^(auc|auc_lo|auc_hi|sens|spec|bal_acc|brier|ece|cam_in)$$
+EXP_DROP := .*/|^models$$|^Created$$
+exp: $(STAMP)
+	dvc exp show --no-pager --only-changed --keep '$(EXP_KEEP)' --drop '$(EXP_DROP)' $(EXP_ARGS)
+
+# dvc_plots/index.html: every plot of dvc.yaml on one page that needs no network (docs/vega/).
+plots: $(STAMP)
+	dvc plots show $(PLOTS_ARGS)
 
 test: $(STAMP) postgres
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

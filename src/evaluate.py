@@ -4,7 +4,8 @@ Reads `{train.out}/cv.json` and each fold's test_predictions.csv (every image pr
 exactly once, by the one fold model that never saw it) and writes under `evaluate.out`:
 
 - oof_predictions.csv   pooled predictions: index, file, patient, fold, label, prob_<class>...
-- metrics.json          flat keys, identical in every run (`dvc metrics show`, the register gate)
+- metrics.json          flat keys, identical in every run (MLflow, the register gate)
+- headline.json         the 8 numbers people compare (`dvc metrics show`, `dvc exp show`, `make exp`)
 - fold_metrics.csv      one row per fold (+ per_class_metrics.csv with more than two classes)
 - plots/*.csv           ROC, PR, confusion, calibration data for `dvc plots`
 - plots/*.png           the same figures, also logged to the CV's MLflow parent run with the metrics

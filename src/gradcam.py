@@ -6,10 +6,11 @@ saw it, with measured faithfulness; plus a single-image mode for new radiographs
 
 Stage outputs under `gradcam.out`, each also logged under `gradcam/` on the CV's MLflow
 parent run: `images/` (the DVC output) with `<class>/<image>.png` (image | heat map |
-overlay, true and predicted class and probability), `<class>/_contact_sheet.png`,
-`example.png` (the first image of each class) and `images.csv` (one row per explained
-image); `metrics.json` beside it (the DVC metrics file: flat keys, the same names in every
-run, also logged as metrics on the parent run).
+overlay, true and predicted class and probability), `_contact_sheets/<class>.png` (every
+overlay of a class on one page; DVC image plots), `example.png` (the first image of each
+class) and `images.csv` (one row per explained image); `metrics.json` beside it (flat keys,
+the same names in every run, also logged as metrics on the parent run; register reads it) and
+`headline.json` (the localisation figure against chance: the DVC metrics file).
 """
 from __future__ import annotations
 

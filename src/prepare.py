@@ -1,6 +1,7 @@
 """The `prepare` stage: decode every radiograph once into the array store that training reads.
 
     python -m src.prepare [--params params.yaml] [--set prepare.mode=full ...]
+    python -m src.prepare --inspect --set data.root=my/xrays [--write-overlay my-data.yaml]
 
 discover -> cheap validation (label conflicts, boxes, patients per class) -> one decoding
 pass straight into images.npy (a memmap in the temporary store folder, so memory stays
@@ -28,6 +29,7 @@ from src.core.locks import output_locks
 from src.core.outputs import check_output, check_replaceable
 from src.data.build_store import prepare
 from src.data.dataset import ValidationFailed, format_report
+from src.data.survey import format_survey, survey, write_overlay
 
 
 def check_paths(params: Params) -> None:
@@ -45,8 +47,22 @@ def check_paths(params: Params) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m src.prepare", description=__doc__.splitlines()[0])
     add_params_args(parser)
+    parser.add_argument("--inspect", action="store_true",
+                        help="only look at data.root (file headers, no decoding): classes, counts, formats, colour "
+                             "modes, sizes, duplicates, patient ids, the settings prepare would use; writes nothing")
+    parser.add_argument("--write-overlay", metavar="FILE",
+                        help="with --inspect: write those settings as a params overlay (--params params.yaml "
+                             "--params FILE)")
     args = parser.parse_args(argv)
     params = params_from_args(args)
+    if args.write_overlay and not args.inspect:
+        parser.error("--write-overlay goes with --inspect")
+    if args.inspect:
+        found = survey(params)
+        print(format_survey(found, params))
+        if args.write_overlay:
+            print(f"wrote {write_overlay(found, params, args.write_overlay)}")
+        return 0
     check_paths(params)
     try:
         with output_locks({"prepare.out": params.prepare.out}):

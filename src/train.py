@@ -19,6 +19,7 @@ from src.core.cli import run_main
 from src.core.config import Params, add_params_args, params_from_args
 from src.core.locks import HELD_ENV, output_locks
 from src.core.outputs import check_output
+from src.core.text_table import text_table
 from src.model import distributed
 from src.model.cross_validation import checked_store, run_cv
 
@@ -52,11 +53,24 @@ def main(argv: list[str] | None = None) -> int:
             distributed.teardown()
     if ctx.is_main:
         m = cv.metrics
+        if cv.fold_figures:
+            print(fold_table(cv.fold_figures, params.evaluate.threshold))
         print(f"train: {cv.folds} folds finished, parent run {cv.parent_run_id} ({cv.run_name}); "
               f"pooled OOF AUC {m.get('cv_oof_roc_auc', float('nan')):.4f}, fold test AUC "
               f"{m.get('cv_test_roc_auc_mean', float('nan')):.4f} ± {m.get('cv_test_roc_auc_std', float('nan')):.4f}"
               + (f"; {ctx.world} processes" if ctx.active else ""))
     return 0
+
+
+def fold_table(figures: dict[str, dict], threshold: float) -> str:
+    def num(value, fmt: str) -> str:
+        return "n/a" if value is None else format(value, fmt)
+
+    rows = [[k, num(f.get("test_roc_auc"), ".3f"), num(f.get("test_sensitivity"), ".3f"),
+             num(f.get("test_specificity"), ".3f"), num(f.get("best_epoch"), "d"), num(f.get("best_val_auc"), ".3f"),
+             num(f.get("seconds"), ".0f")] for k, f in figures.items()]
+    return text_table(["fold", "test AUC", f"sens@{threshold:g}", f"spec@{threshold:g}", "best epoch", "val AUC",
+                       "seconds"], rows)
 
 
 if __name__ == "__main__":

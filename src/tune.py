@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     summary(study, time.time() - started, url, params)
     if out is not None:
         fragment = best_fragment(study)
-        print(f"best parameters: {out}\n  try them: {dvc_command(fragment)}\n"
+        print(f"best parameters: {out}\n  try them: {dvc_command(fragment, digits=4)}\n"
               f"  or keep them: python -m src.tune --apply --study-name {params.tune.study_name}  (edits {params_files(args)[-1]})")
     return 0
 

@@ -91,7 +91,7 @@ def test_cross_check_positive_class(tmp_path):
 
 
 def test_full_mode_needs_a_size(tmp_path):
-    path = write(tmp_path, {"prepare": {"full": {"downscale": None, "size": None}}})
+    path = write(tmp_path, {"prepare": {"full": {"downscale": None, "size": None, "long_side": None}}})
     with pytest.raises(ParamsError, match="prepare.full"):
         load_params(path)
 

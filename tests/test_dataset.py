@@ -13,6 +13,7 @@ from src.data.dataset import (
     format_report,
     validate,
 )
+from src.data.patient_ids import CANDIDATES
 from src.data.splits import assign_folds, fold_groups
 from tests.prepare_helpers import BOX, make_dataset
 
@@ -44,13 +45,48 @@ def test_patients_from_regex_and_default(phantom):
     ds = discover(_data(phantom, manifest=None, patient_regex=r"^(?P<patient>C\dP\d+)_"))
     assert {r.patient for r in ds.records if r.class_name == "C1"} == {"C1P0000", "C1P0001", "C1P0002"}
     assert all(r.patient_source == "regex" for r in ds.records)
-    ds = discover(_data(phantom, manifest=None))
+    ds = discover(_data(phantom, manifest=None, patient_regex=None))
     assert [r.patient for r in ds.records][:2] == ["C1/C1P0000_v1.png", "C1/C1P0000_v2.png"]
 
 
-def test_regex_that_does_not_match_names_the_file(phantom):
-    with pytest.raises(DataError, match=r"data.patient_regex '\^X\(\\d\+\)' does not match file name 'C1P0000_v1.png'"):
-        discover(_data(phantom, manifest=None, patient_regex=r"^X(\d+)"))
+def test_auto_patient_regex_groups_the_visits_of_one_patient(phantom):
+    """No manifest: the file names' shared id (C1P0000_v1, C1P0000_v2) groups a patient's images,
+    so no patient can sit in a training fold and its test fold."""
+    ds = discover(_data(phantom, manifest=None))  # patient_regex: auto is the default
+    assert ds.patient_regex == CANDIDATES[1]  # the first token: C1P0000 of C1P0000_v1.png
+    assert {r.patient for r in ds.records if r.class_name == "C1"} == {"C1P0000", "C1P0001", "C1P0002"}
+    report = validate(ds, folds=3, unreadable={})
+    assert report["patient_regex"] == ds.patient_regex
+    with_manifest = discover(_data(phantom))  # a manifest names the patients: auto stays out of it
+    assert with_manifest.patient_regex is None and {r.patient_source for r in with_manifest.records} == {"manifest"}
+
+
+def test_suggested_patient_regex_only_when_names_share_ids():
+    from src.data.patient_ids import suggest_patient_regex
+
+    assert suggest_patient_regex(["P0042_2019.jpg", "P0042_2021.jpg", "P0043_2020.jpg"]) is not None
+    assert suggest_patient_regex(["0001.jpg", "0002.jpg", "0003.jpg"]) is None  # one image each: nothing to group
+    assert suggest_patient_regex([f"IMG_{i:04d}.png" for i in range(30)]) is None  # "IMG" is no patient
+    assert suggest_patient_regex([f"2019_{i:04d}.png" for i in range(30)]) is None  # one "patient" of 30
+
+
+def test_regex_that_does_not_match_counts_and_lists_the_files(phantom):
+    ds = discover(_data(phantom, manifest=None, patient_regex=r"^X(\d+)"), folds=3)
+    with pytest.raises(ValidationFailed, match=r"data.patient_regex '\^X\(\\d\+\)' does not match 12 of 12 file "
+                                                r"names: C1P0000_v1.png, C1P0000_v2.png, .*C3P0001_v2.png \(\+2 more\); "
+                                                r"fix the regex .* or set data.on_bad_file: skip"):
+        validate(ds, unreadable={})
+
+
+def test_on_bad_file_skip_also_skips_names_the_regex_cannot_match(phantom):
+    (phantom["root"] / "C1" / "scan.png").write_bytes((phantom["root"] / "C1" / "C1P0000_v1.png").read_bytes()[:-1])
+    shutil.copy(phantom["root"] / "C1" / "C1P0001_v1.png", phantom["root"] / "C1" / "odd-name.png")
+    ds = discover(_data(phantom, manifest=None, patient_regex=r"^(C\dP\d+)_", on_bad_file="skip"), folds=3)
+    report = validate(ds, unreadable={})
+    skipped = {e["file"]: e["reason"] for e in report["excluded"]}
+    assert skipped["C1/odd-name.png"].startswith("no patient: data.patient_regex")
+    assert "C1/odd-name.png" not in report["kept"] and report["patient_regex_unmatched"] == ["C1/odd-name.png",
+                                                                                            "C1/scan.png"]
 
 
 def test_manifest_boxes_used_without_coco(phantom):
@@ -193,10 +229,20 @@ def test_link_loops_and_dangling_links_are_reported_as_unreadable(phantom):
 
 
 def test_crop_mode_needs_boxes(phantom):
-    ds = discover(_data(phantom, manifest=None, annotations=None), folds=3)
-    with pytest.raises(ValidationFailed, match=r"12 image\(s\) have no box for prepare.mode crop, e.g. C1/C1P0000_v1.png"):
+    ds = discover(_data(phantom, annotations=None), folds=3)
+    ds.records[0].box = None
+    with pytest.raises(ValidationFailed, match=r"1 image\(s\) have no box for prepare.mode crop, e.g. C1/C1P0000_v1.png"):
         validate(ds, require_boxes=True, unreadable={})
     assert validate(ds, require_boxes=False, unreadable={})["status"] == "ok"
+
+
+@pytest.mark.parametrize("on_bad_file", ["stop", "skip"])
+def test_crop_mode_without_any_box_says_full_mode_not_skip(phantom, on_bad_file):
+    """Skipping every image was the old advice: it left 0 patients.  No box anywhere means full mode."""
+    ds = discover(_data(phantom, manifest=None, annotations=None, on_bad_file=on_bad_file), folds=3)
+    with pytest.raises(ValidationFailed, match=r"no image has a box \(12 images\): prepare.mode crop needs one per "
+                                                r"image; use prepare.mode: full \(or auto\)"):
+        validate(ds, require_boxes=True, unreadable={})
 
 
 def test_manifest_class_disagreeing_with_folder_is_a_label_conflict(phantom):

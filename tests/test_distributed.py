@@ -127,6 +127,11 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path)
         assert list(pa["index"]) == list(pb["index"])
         np.testing.assert_allclose(pa[PROB_COLS].to_numpy(), pb[PROB_COLS].to_numpy(), atol=1e-3)
         assert json.loads((Path(double.train.out) / f"fold_{k}" / "meta.json").read_text())["world_size"] == 2
+        # rank 0 writes the learning curve, the same as one process's (val figures to rounding)
+        ha = pd.read_csv(Path(single.train.out) / f"fold_{k}" / "history.csv")
+        hb = pd.read_csv(Path(double.train.out) / f"fold_{k}" / "history.csv")
+        assert list(hb["epoch"]) == [1, 2, 3] and list(ha.columns) == list(hb.columns)
+        np.testing.assert_allclose(ha[["val_loss", "lr"]].to_numpy(), hb[["val_loss", "lr"]].to_numpy(), atol=1e-3)
     assert cv_two["metrics"]["cv_oof_roc_auc"] == pytest.approx(cv_one.metrics["cv_oof_roc_auc"], abs=1e-6)
 
 
@@ -178,6 +183,10 @@ def test_fold_parallel_gives_the_sequential_results_and_logs_each_fold(tmp_path)
         a = pd.read_csv(Path(sequential.train.out) / f"fold_{k}" / "test_predictions.csv")
         b = pd.read_csv(Path(parallel.train.out) / f"fold_{k}" / "test_predictions.csv")
         np.testing.assert_allclose(a[PROB_COLS].to_numpy(), b[PROB_COLS].to_numpy(), atol=1e-6)
+        # each worker writes its fold's learning curve
+        pd.testing.assert_frame_equal(pd.read_csv(Path(sequential.train.out) / f"fold_{k}" / "history.csv"),
+                                      pd.read_csv(Path(parallel.train.out) / f"fold_{k}" / "history.csv"),
+                                      atol=1e-6)
     assert cv_par.metrics["cv_oof_roc_auc"] == pytest.approx(cv_seq.metrics["cv_oof_roc_auc"])
     client, parents, children = _runs(parallel)
     assert len(parents) == 1 and len(children) == 3

@@ -99,6 +99,27 @@ def test_binary_metrics_files_plots_and_mlflow(tmp_path):
     assert "evaluation/metrics.json" in {a.path for a in client.list_artifacts(parent, "evaluation")}
 
 
+def test_headline_file_holds_the_compared_figures_of_metrics_json(tmp_path):
+    """headline.json (the DVC metrics of `make exp`): the 8 figures people compare, under short
+    names, rounded; metrics.json keeps every figure and stays out of it (and headline out of MLflow)."""
+    from mlflow.tracking import MlflowClient
+
+    params, _, _, parent = fake_cv(tmp_path)
+    metrics = evaluate(params)
+    out = Path(params.evaluate.out)
+    headline = json.loads((out / "headline.json").read_text())
+    assert list(headline) == ["auc", "auc_lo", "auc_hi", "sens", "spec", "bal_acc", "brier", "ece"]
+    keys = ["oof_roc_auc", "oof_roc_auc_ci_low", "oof_roc_auc_ci_high", "oof_sensitivity", "oof_specificity",
+            "oof_balanced_accuracy", "oof_brier", "oof_ece"]
+    assert list(headline.values()) == [round(metrics[k], 3) for k in keys]
+    assert headline["auc_lo"] < headline["auc"] < headline["auc_hi"]
+    assert json.loads((out / "metrics.json").read_text()) == metrics and len(metrics) > 40
+    assert not any(p.name.startswith(".headline") for p in out.iterdir())  # no temporary left
+    client = MlflowClient(tracking_uri=params.mlflow.tracking_uri)
+    logged = {a.path for a in client.list_artifacts(parent, "evaluation")}
+    assert "evaluation/metrics.json" in logged and "evaluation/headline.json" not in logged
+
+
 def test_same_metric_names_every_run(tmp_path):
     a, *_ = fake_cv(tmp_path / "a", seed=0)
     b, *_ = fake_cv(tmp_path / "b", seed=1)

@@ -29,7 +29,12 @@ from src.explain.faithfulness import (
     random_map,
     summarise,
 )
-from src.explain.figures import save_overlay
+from src.explain.figures import (
+    SheetItem,
+    contact_sheet,
+    save_contact_sheet,
+    save_overlay,
+)
 from src.explain.oof_explain import (
     load_fold_model,
     mask_for,
@@ -305,17 +310,24 @@ def test_stage_writes_and_logs_overlays_and_metrics(inputs, tmp_path):
     out = Path(params.gradcam.out) / "images"
     metrics = json.loads((out.parent / "metrics.json").read_text())
     table = pd.read_csv(out / "images.csv")
-    assert sorted(p.name for p in out.parent.iterdir()) == ["images", "metrics.json"]  # the two DVC outputs
+    # the three DVC outputs: images/, metrics.json (an out register reads), headline.json (the DVC metrics)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["headline.json", "images", "metrics.json"]
+    assert json.loads((out.parent / "headline.json").read_text()) == {
+        "cam_in": round(metrics["gradcam_energy_inside_all"], 3),
+        "cam_chance": round(metrics["gradcam_area_fraction_all"], 3)}
 
     for cls in CLASSES:
         local = sorted(p.name for p in (out / cls).glob("*.png"))
-        assert len(local) == 3 and "_contact_sheet.png" in local  # 2 images + the sheet
+        assert len(local) == 2  # the 2 overlays; the class's contact sheet is in _contact_sheets/ (DVC image plots)
         logged = sorted(Path(f.path).name for f in MlflowClient().list_artifacts(run_id, f"gradcam/{cls}"))
         assert logged == local
         with Image.open(out / cls / local[0]) as img:
             assert img.format == "PNG" and img.size[0] > img.size[1] > 100
+    assert sorted(p.name for p in (out / "_contact_sheets").iterdir()) == ["C1.png", "C3.png"]
+    assert sorted(Path(f.path).name for f in MlflowClient().list_artifacts(run_id, "gradcam/_contact_sheets")) == [
+        "C1.png", "C3.png"]
     assert {Path(f.path).name for f in MlflowClient().list_artifacts(run_id, "gradcam")} >= {
-        "metrics.json", "images.csv", "example.png", "C1", "C3"}
+        "metrics.json", "images.csv", "example.png", "C1", "C3", "_contact_sheets"}
 
     # metrics.json = means of the per-image table, per class and overall, next to the baseline
     assert "gradcam_road_random_all" not in metrics  # 0 in expectation: not computed
@@ -343,6 +355,8 @@ def test_stage_without_masks_still_scores_perturbation(inputs, tmp_path):
     metrics = run_gradcam(params, log_to_mlflow=False)
     assert "gradcam_confidence_change_all" in metrics and "gradcam_confidence_change_random_all" in metrics
     assert not any("energy" in k or "pointing" in k for k in metrics)
+    # the same columns in every run: no masks, no localisation figure
+    assert json.loads((Path(params.gradcam.out) / "headline.json").read_text()) == {"cam_in": None, "cam_chance": None}
     table = pd.read_csv(Path(params.gradcam.out) / "images" / "images.csv")
     assert (table["explained"] == "C3").all()
 
@@ -424,3 +438,40 @@ def test_save_overlay_writes_a_png(tmp_path):
         assert img.format == "PNG"
     assert not list((tmp_path / "sub").glob(".*tmp*"))  # no temporary left behind
 
+
+def test_contact_sheet_title_and_captions_never_overlap_the_images(tmp_path):
+    """The title, each panel's caption and the images sit in bands of their own, whatever the
+    number of panels, caption lines or title length (they used to run into each other)."""
+    from src.core.plotting import pyplot
+
+    rng = np.random.default_rng(0)
+    image, cam = (rng.random((40, 40)) * 255).astype(np.uint8), rng.random((40, 40)).astype(np.float32)
+    cases = [
+        ([f"P{i:04d}_v1\ntrue C1 | predicted C3 (p=0.85)" for i in range(7)], "C1: 7 random images, gradcam, "
+         "each by its out-of-fold model"),
+        (["a_very_long_file_name_exported_by_the_hospital_pacs_0001\ntrue osteoporotic | predicted healthy (p=0.51)"]
+         * 2, "osteoporotic: 2 random images, gradcam, each by its out-of-fold model, with a title this long"),
+        (["one line"], "gradcam: one image per class"),
+    ]
+    for labels, title in cases:
+        fig = contact_sheet([SheetItem(image, cam, label) for label in labels], title)
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        whole = fig.bbox
+        suptitle = fig._suptitle.get_window_extent(renderer)
+        panels = [ax for ax in fig.axes if ax.images]
+        boxes = [ax.get_window_extent(renderer) for ax in panels]
+        captions = [ax.title.get_window_extent(renderer) for ax in panels]
+        assert len(panels) == len(labels)
+        for box in [suptitle, *captions, *boxes]:
+            assert whole.x0 - 1 <= box.x0 and box.x1 <= whole.x1 + 1
+            assert whole.y0 - 1 <= box.y0 and box.y1 <= whole.y1 + 1
+        for i, caption in enumerate(captions):
+            assert not caption.overlaps(suptitle), (title, i)
+            assert not any(caption.overlaps(box) for box in boxes), (title, i)
+            assert not any(caption.overlaps(other) for j, other in enumerate(captions) if j != i), (title, i)
+        assert not any(suptitle.overlaps(box) for box in boxes)
+        pyplot().close(fig)
+    path = save_contact_sheet(tmp_path / "sheet.png", [SheetItem(image, cam, "x")], "t")
+    with Image.open(path) as img:
+        assert img.format == "PNG"

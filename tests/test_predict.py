@@ -100,7 +100,9 @@ def test_errors_are_one_line(ready, capsys):
     # No version holds champion yet: the default model cannot be loaded.
     assert run_main(predict_main, [str(images / "a.png"), "--params", params_file]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --model 'models:/bone-health@champion': cannot load from MLflow") and "\n" not in err
+    assert err.startswith("error: --model 'models:/bone-health@champion': no version of 'bone-health' has the alias "
+                          "@champion yet (aliases: @challenger -> v") and "\n" not in err
+    assert "python -m src.promote" in err
     assert run_main(predict_main, [str(images / "a.png"), "--box", "1,2,3", "--params", params_file]) == 2
     assert "--box: a box is x,y,w,h (four numbers), got 3 values" in capsys.readouterr().err
     assert run_main(predict_main, [str(images / "sub" / "nothing"), "--model", params.train.out,

@@ -29,7 +29,7 @@ from src.core.tracking import configure
 from src.data.imaging import read_image
 from src.promote import main as promote_main
 from src.serving.promotion import promote, rollback
-from src.serving.registry import register, store_info
+from src.serving.registry import TAGGED_METRICS, register, store_info
 from tests.train_helpers import write_params
 
 
@@ -79,7 +79,7 @@ def test_register_creates_challenger_with_tags_and_card(registered):
     # The version's run sits under the CV parent and carries the card and the CV metrics.
     run = client.get_run(mv.run_id)
     assert run.data.tags["mlflow.parentRunId"] == cv["parent_run_id"]
-    assert run.data.metrics["oof_roc_auc"] == pytest.approx(0.81)
+    assert run.data.metrics["oof/roc_auc"] == pytest.approx(0.81)  # grouped under oof/ in the UI
     card = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="model_card/model_card.md",
                                                     dst_path=str(tmp / "card"))).read_text()
     assert "not a diagnosis" in card.lower()
@@ -93,7 +93,26 @@ def test_register_creates_challenger_with_tags_and_card(registered):
     assert json.loads((local / "registered.json").read_text())["version"] == "1"
     metadata = json.loads((local / "model_card.json").read_text())
     assert metadata["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "C1", "1": "C3"}
-    assert metadata["intended_use"].startswith("Research screening aid")
+    # not the phantom and no data.description: a neutral wording, no dental claim
+    assert metadata["intended_use"].startswith("Research aid for studies of radiograph images labelled C1, C3")
+    assert "dental" not in card.lower()
+    # version tags: the figures people compare and the gate's keys, not a copy of every metric
+    assert {k for k in tags if k.startswith("metric.")} <= {f"metric.{k}" for k in TAGGED_METRICS}
+    assert "metric.fold_mean_roc_auc" not in tags and run.data.metrics["fold_mean/roc_auc"] is not None
+    described = client.get_registered_model("bone-health").description
+    assert "@champion" in described and "python -m src.promote" in described and "not a diagnosis" in described.lower()
+
+
+def test_model_card_wording_comes_from_the_data():
+    from src.serving.model_card import INTENDED_USE, wording
+
+    phantom = wording({"synthetic_phantom": True}, ["C1", "C3"], "C3")
+    assert phantom["intended_use"] == INTENDED_USE and "dental panoramic" in phantom["task"]
+    own = wording({"description": "hand radiographs, RA erosions vs none", "modality": "hand radiograph"},
+                  ["none", "erosive"], "erosive")
+    assert own["task"] == "Binary screening: hand radiographs, RA erosions vs none"
+    assert own["intended_use"].startswith("Research aid for studies of hand radiographs, RA erosions vs none. Not a")
+    assert own["modality"] == "hand radiograph" and "dental" not in str(own).lower()
 
 
 def test_model_holds_checkpoints_only_with_signature_and_requirements(registered):

@@ -218,6 +218,30 @@ def test_mlflow_structure_one_parent_k_children(binary_cv):
     assert run_cv(params) == cv
 
 
+def test_each_fold_writes_its_learning_curve_and_the_parent_run_gets_the_figure(binary_cv):
+    """{train.out}/fold_<k>/history.csv (DVC plots) holds what the fold's MLflow run logged per
+    epoch; the parent run holds every fold's curves in one PNG."""
+    from mlflow.tracking import MlflowClient
+
+    from src.artifacts.cv_run import HISTORY_COLUMNS
+
+    tmp, params, cv = binary_cv
+    client = MlflowClient(tracking_uri=params.mlflow.tracking_uri)
+    for k, run_id in cv.fold_run_ids.items():
+        history = pd.read_csv(tmp / "models" / f"fold_{k}" / "history.csv")
+        assert list(history.columns) == ["epoch", "train_loss", "val_loss", "val_auc", "lr"] == list(HISTORY_COLUMNS)
+        assert history["epoch"].tolist() == [1, 2]
+        for name in HISTORY_COLUMNS[1:]:
+            logged = [m.value for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)]
+            assert history[name].to_numpy() == pytest.approx(logged), (k, name)
+        best = json.loads((tmp / "models" / f"fold_{k}" / "meta.json").read_text())["best_epoch"]
+        assert history.loc[history["epoch"] == best, "val_auc"].item() == pytest.approx(
+            client.get_run(run_id).data.metrics["best_val_auc"])
+    assert [a.path for a in client.list_artifacts(cv.parent_run_id, "plots")] == ["plots/learning_curves.png"]
+    local = client.download_artifacts(cv.parent_run_id, "plots/learning_curves.png", str(tmp / "downloaded"))
+    assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.slow
 def test_resume_after_kill_mid_fold(tmp_path):
     from mlflow.tracking import MlflowClient

@@ -89,15 +89,17 @@ def test_study_prunes_a_bad_trial_logs_mlflow_and_resumes(tmp_path, store):
     assert len(runs) == 3
     states = {r.data.tags["optuna.trial_number"]: r.data.tags["optuna.state"] for r in runs}
     assert states == {"0": "complete", "1": "complete", "2": "pruned"}
+    # a pruned trial did what was asked: FINISHED with its tag, not KILLED like a crash
+    assert {r.info.status for r in runs} == {"FINISHED"}
     for r in runs:
-        assert "fold_val_auc" in r.data.metrics
+        assert "fold/val_auc" in r.data.metrics
         assert r.data.params["train.lr"] in ("0.01", "1e-09")
     best = [r for r in runs if r.data.tags.get("best_trial") == "true"]
     assert len(best) == 1 and best[0].data.tags["optuna.trial_number"] == str(study.best_trial.number)
     client = MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(parent, "plots")}
     assert "plots/optimization_history.png" in artifacts
-    history = client.get_metric_history(best[0].info.run_id, "fold_val_auc")
+    history = client.get_metric_history(best[0].info.run_id, "fold/val_auc")
     assert sorted(m.step for m in history) == list(range(store_folds(store)))
 
     # the same command again continues the same study and adds trials to it

@@ -5,6 +5,7 @@
     fold_<k>/model.pt       the fold's checkpoint (src.artifacts.checkpoint)
     fold_<k>/meta.json
     fold_<k>/test_predictions.csv   index, file, patient, fold, label, prob_<class>... (test fold only)
+    fold_<k>/history.csv    the learning curve: epoch, train_loss, val_loss, val_auc, lr (`dvc plots`)
 
 One reader for each: evaluate, gradcam, register and predict all go through here.
 """
@@ -39,6 +40,10 @@ from src.core.tracking import configure, find_run, tracking_uri
 CV_FILE = "cv.json"
 STATE_FILE = "cv_state.json"
 PREDICTIONS_FILE = "test_predictions.csv"
+HISTORY_FILE = "history.csv"
+# The learning curve's columns, in this order; an undefined value (a one-class inner validation
+# part has no AUC) is an empty cell.  Speed (images/s) stays in MLflow: it is no result.
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_auc", "lr")
 FOLD_PREFIX = "fold_"
 FINISHED = "FINISHED"
 
@@ -56,6 +61,8 @@ class CvRun:
     status: str = FINISHED
     run_name: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # data too small for the settings (model.data_checks)
+    fold_figures: dict[str, dict[str, Any]] = field(default_factory=dict)  # per fold: test AUC, best epoch, s
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,7 +82,10 @@ def _parse(data: dict[str, Any], path: Path) -> CvRun:
         raise DataError(f"{path}: 'folds' must be the number of folds, got {folds!r}")
     return CvRun(parent_run_id=str(data["parent_run_id"]), folds=folds,
                  fold_run_ids={str(k): str(v) for k, v in (data.get("fold_run_ids") or {}).items()},
-                 status=FINISHED, run_name=data.get("run_name"), metrics=dict(data.get("metrics") or {}))
+                 status=FINISHED, run_name=data.get("run_name"), metrics=dict(data.get("metrics") or {}),
+                 warnings=[str(w) for w in data.get("warnings") or [] if isinstance(w, str)],
+                 fold_figures={str(k): dict(v) for k, v in (data.get("fold_figures") or {}).items()
+                               if isinstance(v, dict)})
 
 
 def read_cv(train_out: str | Path) -> CvRun:
@@ -135,6 +145,28 @@ def read_fold_predictions(train_out: str | Path, fold: int) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: fold {fold} predictions missing; rerun `python -m src.train`")
     return pd.read_csv(path, dtype={"patient": str, "file": str})
+
+
+# ----------------------------------------------------------------------- learning curves
+def write_fold_history(directory: str | Path, history: list[dict[str, Any]]) -> Path:
+    """One row per epoch trained (HISTORY_COLUMNS), written atomically beside the checkpoint."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame([{c: row.get(c) for c in HISTORY_COLUMNS} for row in history], columns=list(HISTORY_COLUMNS))
+    frame["epoch"] = frame["epoch"].astype(int)
+    with atomic_path(directory / HISTORY_FILE) as tmp:
+        frame.to_csv(tmp, index=False)
+    return directory / HISTORY_FILE
+
+
+def read_fold_histories(train_out: str | Path, folds: int) -> dict[int, pd.DataFrame]:
+    """{fold: its history} for the folds that have one (a fold trained by an older version has none)."""
+    out = {}
+    for k in range(folds):
+        path = fold_dir(train_out, k) / HISTORY_FILE
+        if path.is_file():
+            out[k] = pd.read_csv(path)
+    return out
 
 
 def load_oof(train_out: str | Path, cv: CvRun) -> tuple[pd.DataFrame, list[CheckpointMeta]]:

@@ -1,5 +1,7 @@
-"""The flat metrics files that `dvc metrics show`, MLflow and the promotion gate read:
-`{evaluate.out}/metrics.json` (out-of-fold figures) and `{gradcam.out}/metrics.json`.
+"""The flat metrics files that MLflow and the promotion gate read: `{evaluate.out}/metrics.json`
+(out-of-fold figures) and `{gradcam.out}/metrics.json`; and beside each, `headline.json`: the
+few numbers people compare between experiments, under short names (the DVC metrics that
+`dvc exp show` and `dvc metrics show` print; metrics.json holds ~40 more).
 
 Each file also names the CV it was computed from (`Provenance`: two string keys beside the
 numbers), so register can refuse metrics of another CV.  They live inside the file rather than
@@ -20,6 +22,7 @@ from src.core.errors import DataError
 from src.core.fileio import atomic_write_json, read_json_object
 
 METRICS_FILE = "metrics.json"
+HEADLINE_FILE = "headline.json"
 CV_RUN_KEY = "cv_parent_run_id"
 CHECKPOINTS_KEY = "checkpoints_sha256"
 
@@ -39,6 +42,25 @@ def clean(value: Any) -> Any:
 
 def write_metrics(out_dir: str | Path, metrics: Mapping[str, Any]) -> Path:
     return atomic_write_json(metrics_path(out_dir), {k: clean(v) for k, v in metrics.items()})
+
+
+HEADLINE_DIGITS = 3
+
+
+def headline(metrics: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    """{short name: metrics[key]} for `names` {short name: key}, in its order, rounded to
+    HEADLINE_DIGITS decimals (narrow columns; metrics.json keeps every digit, and the CI is
+    ~0.1 wide on a few hundred images); a key the metrics lack (no masks, say) is null, so
+    every run has the same columns."""
+    def short(value: Any) -> Any:
+        value = clean(value)
+        return round(value, HEADLINE_DIGITS) if isinstance(value, float) else value
+
+    return {name: short(metrics.get(key)) for name, key in names.items()}
+
+
+def write_headline(out_dir: str | Path, metrics: Mapping[str, Any], names: Mapping[str, str]) -> Path:
+    return atomic_write_json(Path(out_dir) / HEADLINE_FILE, headline(metrics, names))
 
 
 def read_metrics(out_dir: str | Path, what: str, hint: str = "") -> dict[str, Any]:

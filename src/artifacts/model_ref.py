@@ -49,8 +49,30 @@ def checkpoint_dirs(model: str | Path, dst: str | Path | None = None) -> list[Pa
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=None if dst is None else str(dst))
     except MlflowException as exc:
-        raise BoneHealthError(f"--model {text!r}: cannot load from MLflow ({exc.message.splitlines()[0]})") from None
+        hint = _alias_hint(text)
+        raise BoneHealthError(hint or f"--model {text!r}: cannot load from MLflow ({exc.message.splitlines()[0]})") \
+            from None
     return _local_checkpoint_dirs(Path(local))
+
+
+def _alias_hint(uri: str) -> str | None:
+    """For `models:/name@alias` with no such alias (typically @champion before the first
+    promote): the aliases and versions that do exist, and how to promote."""
+    if not uri.startswith("models:/") or "@" not in uri:
+        return None
+    name, _, alias = uri.removeprefix("models:/").partition("@")
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        model = MlflowClient().get_registered_model(name)
+    except MlflowException:
+        return f"--model {uri!r}: no registered model {name!r} in this MLflow store; run `python -m src.register` first"
+    if alias in (model.aliases or {}):
+        return None
+    aliases = ", ".join(f"@{a} -> v{v}" for a, v in sorted((model.aliases or {}).items())) or "none"
+    return (f"--model {uri!r}: no version of {name!r} has the alias @{alias} yet (aliases: {aliases}); promote one "
+            f"with `python -m src.promote`, or pick one: --model models:/{name}@<alias> or models:/{name}/<version>")
 
 
 def _local_checkpoint_dirs(path: Path) -> list[Path]:

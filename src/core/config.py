@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import typing
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -37,10 +38,18 @@ class DataParams(Section):
         description="CSV: file, patient_id[, class][, box]; auto: root/manifest.csv if present; null: none")
     annotations: Optional[str] = Field("auto",
         description="COCO boxes (CVAT export) for crop mode; auto: root/annotations.json if present")
-    patient_regex: Optional[str] = Field(None, description="e.g. '^(?P<patient>P\\d+)_' when there is no manifest")
+    patient_regex: Optional[str] = Field("auto",
+        description="without a manifest: e.g. '^(?P<patient>P\\d+)_'; auto: the id the file\n"
+                    "names share, when several images share one; null: each image its own patient")
     classes: Optional[list[str]] = Field(None, description='null: every sub-folder of root, sorted')
     positive_class: str = Field("C3", description='the disease class for binary metrics')
     name: Optional[str] = Field(None, description="dataset name for tags; null: the root folder's name")
+    description: Optional[str] = Field(None,
+        description="what the images show and the classes mean, for the model card;\n"
+                    "null: the phantom's dental wording on the phantom, a neutral one otherwise")
+    modality: Optional[str] = Field(None,
+        description="e.g. 'hand radiograph'; null: dental panoramic radiograph (OPG) on the\n"
+                    "phantom, 'radiograph' otherwise")
     extensions: list[str] = Field(
         default_factory=lambda: [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"]
     )
@@ -95,14 +104,18 @@ class PhantomParams(Section):
 
 # ------------------------------------------------------------------------ prepare
 class FullParams(Section):
-    downscale: Optional[float] = Field(3.0, gt=0, description="the lab's 3x; or set size")
+    long_side: Optional[int] = Field(512, ge=8, le=8192,
+        description="CPU-sized store: this long side, the median source aspect ratio")
+    downscale: Optional[float] = Field(None, gt=0,
+        description="the lab's 3 (~950x450 from 2860x1350); wins over long_side")
     size: Optional[tuple[int, int]] = Field(None,
-        description='[height, width], e.g. [449, 954]; wins over downscale')
+        description='[height, width], e.g. [449, 954]; wins over both')
 
     @model_validator(mode="after")
     def _one_of(self):
-        if self.downscale is None and self.size is None:
-            raise ValueError("set prepare.full.downscale or prepare.full.size [height, width]")
+        if self.downscale is None and self.size is None and self.long_side is None:
+            raise ValueError("set prepare.full.long_side, prepare.full.downscale or prepare.full.size "
+                             "[height, width] (e.g. --set prepare.full.size=[256,512])")
         if self.size is not None and min(self.size) < 8:
             raise ValueError("prepare.full.size must be [height, width] with both >= 8")
         return self
@@ -131,8 +144,9 @@ class ClaheParams(Section):
 
 class PrepareParams(Section):
     out: str = "data/prepared"
-    mode: Literal["full", "crop"] = Field("crop",
-        description='full: whole radiograph downscaled | crop: square around the cortex box')
+    mode: Literal["auto", "full", "crop"] = Field("auto",
+        description='auto: crop when every image has a box, else full | full: whole\n'
+                    'radiograph resized | crop: square around the cortex box')
     full: FullParams = Field(default_factory=FullParams)
     crop: CropParams = Field(default_factory=CropParams)
     rolling_ball: RollingBallParams = Field(default_factory=RollingBallParams)
@@ -452,7 +466,51 @@ def _format_error(err: ValidationError, source: str) -> str:
     if first["type"] == "value_error":
         msg = msg.removeprefix("Value error, ")
         return f"{source}: {msg}" if key == "<root>" else f"{source}: {key}: {msg}"
-    return f"{source}: {key}: {msg} (got {first.get('input')!r})"
+    form = accepted_form(tuple(str(p) for p in first["loc"] if not isinstance(p, int)))
+    return f"{source}: {key}: {msg} (got {first.get('input')!r})" + (f"; expected {form}" if form else "")
+
+
+def _field_at(path: tuple[str, ...]):
+    cls: Any = Params
+    field = None
+    for part in path:
+        fields = getattr(cls, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        field = fields[part]
+        cls = field.annotation
+    return field
+
+
+_EXAMPLE = {int: 256, float: 0.5, str: "name"}
+
+
+def accepted_form(path: tuple[str, ...]) -> str | None:
+    """How a value for `path` is written, with a --set example (YAML, like dvc exp run -S)."""
+    field = _field_at(path)
+    if field is None:
+        return None
+    key = ".".join(path)
+    ann = field.annotation
+    optional = type(None) in typing.get_args(ann)
+    inner = [a for a in typing.get_args(ann) if a is not type(None)] if optional else [ann]
+    kind = inner[0] if len(inner) == 1 else ann
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        form = f"one of {' | '.join(str(v) for v in typing.get_args(kind))} (--set {key}={typing.get_args(kind)[0]})"
+    elif origin in (tuple, list):
+        args = [a for a in typing.get_args(kind) if a is not Ellipsis]
+        names = ", ".join(getattr(a, "__name__", str(a)) for a in args) if origin is tuple else \
+            f"{getattr(args[0], '__name__', 'value')}, ..."
+        example = field.default if isinstance(field.default, (list, tuple)) and field.default else \
+            [_EXAMPLE.get(a, "...") for a in (args if origin is tuple else args[:1] * 2)]
+        shown = "[" + ",".join(str(v) for v in example) + "]"
+        form = f"a list [{names}] (--set {key}={shown})"
+    elif kind in (int, float, str, bool):
+        form = f"{'true or false' if kind is bool else 'a number' if kind in (int, float) else 'text'}"
+    else:
+        return None
+    return form + (f", or null (--set {key}=null)" if optional else "")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -557,7 +615,8 @@ def add_params_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "(--params params.yaml --params params/gpu-lab-crop.yaml)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-        help="override one parameter, same spelling as `dvc exp run -S` (repeatable)",
+        help="override one parameter, same spelling as `dvc exp run -S` (repeatable); the value is YAML: "
+             "a list prepare.full.size=[192,192], none data.manifest=null, text data.positive_class=osteo",
     )
     return parser
 

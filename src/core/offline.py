@@ -15,3 +15,5 @@ def offline_defaults() -> None:
     """
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Not network: MLflow's per-file download bars fill a console (5 folds, 10 bars) with nothing to read.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import subprocess
 import time
@@ -150,6 +151,30 @@ def git_commit(cwd: str | Path = ".") -> str:
         return sha
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
+
+
+# MLflow's UI groups charts by the part of a metric name before "/": per-epoch curves under
+# train/ and val/, a fold's test figures under test/, the CV's under cv/, evaluate's under oof/ ...
+# Files (metrics.json, cv.json) keep their flat names: the gate and DVC read those.
+METRIC_GROUPS = ("train", "val", "test", "cv", "oof", "fold_mean", "fold_std", "class", "gradcam", "fold")
+RENAMED_METRICS = {"lr": "train/lr", "images_per_s": "train/images_per_s", "best_val_auc": "val/best_auc",
+                   "best_epoch": "train/best_epoch", "epochs_run": "train/epochs_run", "fold_seconds": "train/seconds"}
+
+
+def metric_name(key: str) -> str:
+    """The MLflow name of a metric: `train_loss` -> `train/loss`, `oof_roc_auc` -> `oof/roc_auc`."""
+    if key in RENAMED_METRICS:
+        return RENAMED_METRICS[key]
+    for group in sorted(METRIC_GROUPS, key=len, reverse=True):  # fold_mean before fold
+        if key.startswith(group + "_") and len(key) > len(group) + 1:
+            return f"{group}/{key[len(group) + 1:]}"
+    return key
+
+
+def mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Finite numbers only, under their MLflow names."""
+    return {metric_name(k): float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
 
 
 def log_params_flat(flat: dict[str, Any]) -> None:

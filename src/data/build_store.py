@@ -44,9 +44,9 @@ RUN_ONLY_FIELDS = {"out", "workers"}
 
 def prepare(params: Params) -> Path:
     """Build the prepared store at prepare.out and return its path."""
-    prep = params.prepare
-    folds = prep.folds
+    folds = params.prepare.folds
     ds = discover(params.data, folds=folds)
+    prep = resolve_mode(params.prepare, ds.records)
     crop = prep.mode == "crop"
     # Rules that need no pixels run first, so a label conflict stops in seconds, not after decoding.
     early = _validated(ds, folds, crop, unreadable={})
@@ -72,6 +72,8 @@ def prepare(params: Params) -> Path:
 
         report["fold_counts"] = fold_summary(kept, fold, ds.classes)
         report["source_sizes"] = {f"{h}x{w}": n for (h, w), n in source_sizes.most_common()}
+        report["store_size"] = [int(size[0]), int(size[1])]
+        report["mode"] = mode_choice(params.prepare.mode, prep.mode, kept)
         report["warnings"] = _warnings(report, source_sizes, crop)
         write_manifest(tmp / MANIFEST_FILE, _manifest_rows(kept, [infos[i] for i in keep], fold))
         meta = {
@@ -97,21 +99,48 @@ def _validated(ds: Dataset, folds: int, crop: bool, unreadable: dict[str, str]) 
     return validate(ds, folds, require_boxes=crop, unreadable=unreadable)
 
 
+def resolve_mode(prep: PrepareParams, records: list[ImageRecord]) -> PrepareParams:
+    """prepare.mode auto: crop when every image has a box, else full.  The concrete mode is what
+    the store (and every model trained on it) records; `mode_choice` says why, for the report."""
+    if prep.mode != "auto":
+        return prep
+    boxed = sum(r.box is not None for r in records)
+    mode = "crop" if records and boxed == len(records) else "full"
+    return prep.model_copy(update={"mode": mode})
+
+
+def mode_choice(requested: str, resolved: str, records: list[ImageRecord]) -> str:
+    boxed = sum(r.box is not None for r in records)
+    why = f"{boxed} of {len(records)} images have a box"
+    if requested != "auto":
+        return f"{resolved} (prepare.mode; {why})"
+    return f"auto -> {resolved}: {why}" + ("" if resolved == "crop" else " (crop mode needs one for every image)")
+
+
 def resolve_settings(prep: PrepareParams, records: list[ImageRecord]) -> tuple[PrepareParams, Counter]:
     """Fix full-mode's output size from the source sizes (headers only).
 
-    A downscale factor gives one size per source size, but a store holds one size: the most
-    common source size decides, and the resolved [h, w] is written into the stored
-    settings so inference resizes any new image to exactly the trained size.
+    A store holds one size.  A downscale factor applies to the most common source size; a long
+    side (the default) keeps the median source aspect ratio.  The resolved [h, w] is written
+    into the stored settings so inference resizes any new image to exactly the trained size.
     """
     sizes = Counter(s for s in (probe_size(r.path) for r in records) if s is not None)
     if prep.mode != "full" or prep.full.size is not None:
         return prep, sizes
     if not sizes:
-        raise DataError("prepare.full.downscale: no readable image header to take the size from; set prepare.full.size")
-    common = sizes.most_common(1)[0][0]
-    resolved = full_size(common, prep.full.downscale, None)
+        raise DataError("prepare.full: no readable image header to take the size from; set prepare.full.size")
+    if prep.full.downscale:
+        resolved = full_size(sizes.most_common(1)[0][0], prep.full.downscale, None)
+    else:
+        ratio = median_aspect(sizes)
+        resolved = full_size((ratio, 1.0), None, None, prep.full.long_side)
     return prep.model_copy(update={"full": prep.full.model_copy(update={"size": resolved})}), sizes
+
+
+def median_aspect(sizes: Counter) -> float:
+    """Median height/width over the images (each image counts once)."""
+    ratios = np.repeat([h / w for h, w in sizes], list(sizes.values()))
+    return float(np.median(ratios))
 
 
 def stored_settings(settings: PrepareParams) -> dict[str, Any]:
@@ -179,7 +208,23 @@ def _warnings(report: dict[str, Any], source_sizes: Counter, crop: bool) -> list
         empty = [c for c in report["classes"] if row[c] == 0]
         if empty:
             out.append(f"fold {k} has no image of class {', '.join(empty)}: its AUC is undefined; add patients or lower prepare.folds")
-    if not crop and len(source_sizes) > 1:
-        out.append(f"{len(source_sizes)} different source sizes were resized to one store size (aspect ratio may change); "
-                   "see report.json source_sizes")
+    if not crop and source_sizes:
+        line = aspect_warning(source_sizes, tuple(report["store_size"]))
+        if line:
+            out.append(line)
     return out
+
+
+def aspect_warning(source_sizes: Counter, store_hw: tuple[int, int], tolerance: float = 0.02,
+                   listed: str = " in report.json source_sizes") -> str | None:
+    """Full mode resizes every image to one [h, w]: say how far that bends the anatomy."""
+    store_ratio = store_hw[0] / store_hw[1]
+    ratios = np.repeat([h / w for h, w in source_sizes], list(source_sizes.values()))
+    change = np.abs(ratios / store_ratio - 1)
+    bent = int((change > tolerance).sum())
+    if not bent:
+        return None
+    return (f"{bent} of {len(ratios)} images change aspect ratio by more than {tolerance:.0%} when resized to the "
+            f"store's {store_hw[0]}x{store_hw[1]} (h/w {store_ratio:.2f}): source h/w {ratios.min():.2f}-"
+            f"{ratios.max():.2f}, median {np.median(ratios):.2f}, up to {change.max():.0%} squashed or stretched; "
+            f"{len(source_sizes)} source sizes{listed}")

@@ -25,10 +25,12 @@ from src.core.config import Params
 from src.core.errors import DataError
 from src.core.fileio import sha256_file
 from src.data.imaging import is_dicom, read_image
+from src.data.patient_ids import suggest_patient_regex
 from src.data.preprocess import Box
 
 MANIFEST_BOX_COLUMNS = ("box_x", "box_y", "box_w", "box_h")
 MAX_LISTED = 10  # lines per section in the printed table; report.json lists everything
+AUTO_REGEX = "auto"
 
 
 class ValidationFailed(DataError):
@@ -65,23 +67,28 @@ class Dataset:
     broken: dict[str, str] = field(default_factory=dict)  # links that lead nowhere: reported as unreadable
     max_pixels: int | None = None  # data.max_pixels: larger images are unreadable
     notes: dict[str, list] = field(default_factory=lambda: defaultdict(list))  # report-only findings
+    patient_regex: str | None = None  # as used (data.patient_regex, or what auto chose)
+    patient_regex_auto: bool = False  # chosen by data.patient_regex: auto
+    unmatched: list[str] = field(default_factory=list)  # files whose name the patient regex does not match
 
     def by_file(self) -> dict[str, ImageRecord]:
         return {r.file: r for r in self.records}
 
 
 # ------------------------------------------------------------------------ discover
-def discover(data, folds: int | None = None) -> Dataset:
-    """List images under data.root with class, patient, box and content hash (no decoding)."""
+def discover(data, folds: int | None = None, *, require_positive: bool = True) -> Dataset:
+    """List images under data.root with class, patient, box and content hash (no decoding).
+    `require_positive=False` (inspect) lists a folder whose positive class is not chosen yet."""
     root = Path(data.root)
     if not root.exists():
         raise DataError(f"data.root: folder not found: {root}")
     if not root.is_dir():
         raise DataError(f"data.root: {root} is a file; expected a folder with one sub-folder per class")
     classes = _classes(root, data.classes)
-    if data.positive_class not in classes:
+    if data.positive_class not in classes and require_positive:
         raise DataError(
-            f"data.positive_class: {data.positive_class!r} is not a class under {root} (classes: {', '.join(classes)})"
+            f"data.positive_class: {data.positive_class!r} is not a class under {root} (classes: {', '.join(classes)}); "
+            f"set it to the disease class, e.g. --set data.positive_class={classes[-1]}"
         )
     extensions = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in data.extensions}
     ds = Dataset(root=root, classes=classes, positive_class=data.positive_class, records=[], folds=folds,
@@ -112,7 +119,13 @@ def discover(data, folds: int | None = None) -> Dataset:
                                           box=None, sha256=sha256_file(path), patient_source="file"))
 
     manifest = _read_manifest(str(manifest_path), root) if manifest_path else None
-    regex = _compile_patient_regex(data.patient_regex) if data.patient_regex else None
+    ds.patient_regex = data.patient_regex
+    ds.patient_regex_auto = data.patient_regex == AUTO_REGEX
+    if ds.patient_regex_auto:
+        # A manifest names the patients; otherwise the file names' own patient ids, when they show
+        # images sharing one: grouping too much only makes folds stricter, too little leaks patients.
+        ds.patient_regex = None if manifest else suggest_patient_regex([Path(r.file).name for r in ds.records])
+    regex = _compile_patient_regex(ds.patient_regex) if ds.patient_regex else None
     _assign_patients(ds, manifest, regex, data)
     if manifest:
         _boxes_from_manifest(ds, manifest)
@@ -222,13 +235,10 @@ def _assign_patients(ds: Dataset, manifest, regex, data) -> None:
         if manifest is not None:
             ds.notes["no_manifest_entry"].append(rec.file)
         if regex is not None:
-            name = Path(rec.file).name
-            patient = patient_from_name(regex, name)
-            if patient is None:
-                raise DataError(
-                    f"data.patient_regex '{data.patient_regex}' does not match file name {name!r} ({rec.file}); "
-                    "every image needs a patient"
-                )
+            patient = patient_from_name(regex, Path(rec.file).name)
+            if patient is None:  # counted and listed by validate (stop, or skip with data.on_bad_file)
+                ds.unmatched.append(rec.file)
+                continue
             rec.patient, rec.patient_source = patient, "regex"
     if manifest:
         known = {r.file for r in ds.records}
@@ -389,9 +399,17 @@ def validate(
 
     bad = {f: reason for f, reason in unreadable.items() if f not in excluded}
     missing_box = [r.file for r in ds.records if require_boxes and r.box is None and r.file not in excluded and r.file not in bad]
+    unmatched = [f for f in ds.unmatched if f not in excluded and f not in bad]
+    candidates = [r for r in ds.records if r.file not in excluded and r.file not in bad]
+    if missing_box and len(missing_box) == len(candidates):
+        # skipping them all would leave nothing: no box anywhere means full mode, not skip
+        errors.append(f"no image has a box ({len(missing_box)} images): prepare.mode crop needs one per image; use "
+                      "prepare.mode: full (or auto), or give boxes in data.annotations / the manifest")
+        missing_box = []
     if ds.on_bad_file == "skip":
         excluded.update({f: f"unreadable: {reason}" for f, reason in bad.items()})
         excluded.update({f: "no box for crop mode" for f in missing_box})
+        excluded.update({f: f"no patient: data.patient_regex '{ds.patient_regex}' does not match" for f in unmatched})
     else:
         if bad:
             f = next(iter(bad))
@@ -402,6 +420,13 @@ def validate(
             errors.append(
                 f"{len(missing_box)} image(s) have no box for prepare.mode crop, e.g. {missing_box[0]}; "
                 "add boxes to data.annotations / the manifest, or set data.on_bad_file: skip"
+            )
+        if unmatched:
+            shown = ", ".join(Path(f).name for f in unmatched[:MAX_LISTED])
+            more = f" (+{len(unmatched) - MAX_LISTED} more)" if len(unmatched) > MAX_LISTED else ""
+            errors.append(
+                f"data.patient_regex '{ds.patient_regex}' does not match {len(unmatched)} of {len(ds.records)} file "
+                f"names: {shown}{more}; fix the regex (it is searched in the file name) or set data.on_bad_file: skip"
             )
 
     kept = [r for r in ds.records if r.file not in excluded]
@@ -443,6 +468,9 @@ def validate(
         "duplicates_across_classes": across,
         "manifest_class_mismatch": [{"file": r.file, "folder": r.class_name, "manifest": r.manifest_class} for r in mismatched],
         "missing_box": missing_box if require_boxes else [],
+        "patient_regex": ds.patient_regex,
+        "patient_regex_auto": ds.patient_regex_auto,
+        "patient_regex_unmatched": list(ds.unmatched),
         "excluded": [{"file": f, "reason": r} for f, r in excluded.items()],
         "kept": [r.file for r in kept],
     }
@@ -487,10 +515,17 @@ def format_report(report: dict[str, Any]) -> str:
     """The report as the table printed by prepare (report.json keeps every entry)."""
     lines = [f"dataset {report['data_root']}: {len(report['classes'])} classes, "
              f"{report['n_found']} images found, {report['n_kept']} kept"]
-    lines.append(f"  {'class':<12}{'label':>6}{'found':>8}{'kept':>8}{'patients':>10}")
+    name_w = max([12, *(len(c) + 2 for c in report["classes"])])  # long class names keep their columns
+    lines.append(f"  {'class':<{name_w}}{'label':>6}{'found':>8}{'kept':>8}{'patients':>10}")
     for cls, c in report["counts"].items():
         mark = "  (positive)" if cls == report["positive_class"] else ""
-        lines.append(f"  {cls:<12}{c['label']:>6}{c['images_found']:>8}{c['images']:>8}{c['patients']:>10}{mark}")
+        lines.append(f"  {cls:<{name_w}}{c['label']:>6}{c['images_found']:>8}{c['images']:>8}{c['patients']:>10}{mark}")
+    if report.get("patient_regex"):
+        how = " (auto: the file names share patient ids; null counts each image as its own patient)" \
+            if report.get("patient_regex_auto") else ""
+        lines.append(f"  patients from file names: data.patient_regex '{report['patient_regex']}'{how}")
+    if report.get("mode"):
+        lines.append(f"  prepare.mode {report['mode']}")
     per_patient = list(report.get("images_per_patient", {}).values())
     if per_patient:
         lines.append(f"  images per patient: min {min(per_patient)}, max {max(per_patient)}, "
@@ -519,13 +554,16 @@ def format_report(report: dict[str, Any]) -> str:
     section("images missing from the manifest (patient from regex or file)", report.get("no_manifest_entry", []), str)
     section("images with several boxes (largest used)", report.get("multiple_boxes", []),
             lambda i: f"{i['file']}: {i['boxes']} boxes")
+    section("file names the patient regex does not match", report.get("patient_regex_unmatched", []), str)
     section("excluded", report.get("excluded", []), lambda i: f"{i['file']}: {i['reason']}")
     if report.get("fold_counts"):
         classes = report["classes"]
         lines.append("images per fold:")
-        lines.append(f"  {'fold':<6}" + "".join(f"{c:>8}" for c in classes) + f"{'patients':>10}")
+        widths = [max(8, len(c) + 2) for c in classes]  # headers never run together
+        lines.append(f"  {'fold':<6}" + "".join(f"{c:>{w}}" for c, w in zip(classes, widths)) + f"{'patients':>10}")
         for k, row in report["fold_counts"].items():
-            lines.append(f"  {k:<6}" + "".join(f"{row[c]:>8}" for c in classes) + f"{row['patients']:>10}")
+            lines.append(f"  {k:<6}" + "".join(f"{row[c]:>{w}}" for c, w in zip(classes, widths))
+                         + f"{row['patients']:>10}")
     for err in report.get("errors", []):
         lines.append(f"STOP: {err}")
     return "\n".join(lines)

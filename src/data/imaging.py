@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -272,6 +273,20 @@ def probe_size(path: str | Path) -> tuple[int, int] | None:
     """(height, width) from the file header without decoding pixels; None if unknown.
 
     Lets prepare fix the full-mode output size before the single decoding pass."""
+    header = probe_header(path)
+    return None if header is None else (header.height, header.width)
+
+
+@dataclass(frozen=True)
+class Header:
+    height: int
+    width: int
+    format: str  # PNG, JPEG, TIFF, BMP, DICOM ...
+    mode: str    # grey / colour as the file stores it: L, I;16, RGB, RGBA, P; DICOM: MONOCHROME2 ...
+
+
+def probe_header(path: str | Path) -> Header | None:
+    """Size, format and colour mode from the file header, without decoding pixels; None if unknown."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:
@@ -282,10 +297,10 @@ def probe_size(path: str | Path) -> tuple[int, int] | None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ds = pydicom.dcmread(path, stop_before_pixels=True, force=head[128:132] != b"DICM")
-            return int(ds.Rows), int(ds.Columns)
+            return Header(int(ds.Rows), int(ds.Columns), "DICOM", str(getattr(ds, "PhotometricInterpretation", "?")))
         from PIL import Image
 
         with Image.open(path) as im:
-            return int(im.height), int(im.width)
+            return Header(int(im.height), int(im.width), str(im.format or "?"), str(im.mode))
     except Exception:  # any failure here resurfaces, with its reason, when the file is decoded
         return None

@@ -48,7 +48,7 @@ def preprocess_image(
     info: dict[str, Any] = {"src_height": src_h, "src_width": src_w,
                             "crop_x0": None, "crop_y0": None, "crop_side": None}
     if p.mode == "full":
-        size = full_size((src_h, src_w), p.full.downscale, p.full.size)
+        size = full_size((src_h, src_w), p.full.downscale, p.full.size, p.full.long_side)
         out = resize(img, size)
     else:
         if box is None:
@@ -78,14 +78,20 @@ def _settings(prep):
 
 
 # ------------------------------------------------------------------ geometry
-def full_size(src_hw: tuple[int, int], downscale: float | None, size: tuple[int, int] | list | None) -> tuple[int, int]:
-    """Output (h, w) of full mode: a fixed size wins over the downscale factor."""
+def full_size(src_hw: tuple[int, int], downscale: float | None, size: tuple[int, int] | list | None,
+              long_side: int | None = None) -> tuple[int, int]:
+    """Output (h, w) of full mode: a fixed size, else the downscale factor, else the long side
+    with `src_hw`'s aspect ratio (prepare passes the median source shape)."""
     if size is not None:
         return int(size[0]), int(size[1])
-    if not downscale:
-        raise DataError("prepare.full: set downscale or size [height, width]")
     h, w = src_hw
-    return max(1, int(round(h / downscale))), max(1, int(round(w / downscale)))
+    if downscale:
+        return max(1, int(round(h / downscale))), max(1, int(round(w / downscale)))
+    if not long_side:
+        raise DataError("prepare.full: set long_side, downscale or size [height, width]")
+    if w >= h:
+        return max(1, int(round(long_side * h / w))), int(long_side)
+    return int(long_side), max(1, int(round(long_side * w / h)))
 
 
 def crop_side(src_width: int, side: int, reference_width: int | None) -> int:

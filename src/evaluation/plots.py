@@ -97,3 +97,48 @@ def plot_calibration(frame: pd.DataFrame, path: Path, title: str) -> Path:
            xlim=(0, 1), ylim=(0, 1), title=title)
     ax.legend(loc="upper left", fontsize=8)
     return _save(fig, path)
+
+
+# The learning curve's panels: (history column, panel title).
+CURVE_PANELS = (("train_loss", "training loss"), ("val_loss", "inner-validation loss"),
+                ("val_auc", "inner-validation ROC AUC"))
+
+
+def plot_learning_curves(histories: dict[int, pd.DataFrame], path: Path, title: str,
+                         best_epochs: dict[int, int] | None = None) -> Path:
+    """Losses and validation AUC against epoch, one colour per fold, all folds in one figure;
+    a ring marks the epoch whose checkpoint each fold kept (`best_epochs`)."""
+    plt = pyplot()
+    best_epochs = best_epochs or {}
+    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(4.2 * len(CURVE_PANELS), 3.9), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for k, frame in sorted(histories.items()):
+        colour = colours(k % 10)
+        best = best_epochs.get(k)
+        label = f"fold {k}" + (f" (kept epoch {best})" if best else "")
+        for ax, (column, _) in zip(axes[0], CURVE_PANELS):
+            ax.plot(frame["epoch"], frame[column], color=colour, lw=1.4, marker="o" if len(frame) <= 20 else None,
+                    ms=3, label=label)
+            kept = frame[frame["epoch"] == best] if best else frame.iloc[:0]
+            if column != "train_loss" and len(kept):
+                ax.plot(kept["epoch"], kept[column], ls="none", marker="o", ms=9, mfc="none", mec=colour, mew=1.5)
+    for ax, (column, name) in zip(axes[0], CURVE_PANELS):
+        ax.set(xlabel="epoch", title=name)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if best_epochs and handles:
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], ls="none", marker="o", ms=9, mfc="none", mec="grey", mew=1.5))
+        labels.append("kept checkpoint")
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=11)
+    # Room below the panels for the legend (6 entries a row), above for the title.
+    rows = -(-max(len(handles), 1) // 6)
+    fig.subplots_adjust(left=0.05, right=0.99, top=0.86, bottom=0.2 + 0.05 * (rows - 1), wspace=0.22)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path

@@ -13,7 +13,13 @@ import numpy as np
 import pandas as pd
 
 from src.artifacts.cv_run import cv_provenance, load_oof, open_parent_run, read_cv
-from src.artifacts.metrics_file import clean, numeric, with_provenance, write_metrics
+from src.artifacts.metrics_file import (
+    clean,
+    numeric,
+    with_provenance,
+    write_headline,
+    write_metrics,
+)
 from src.core.config import Params
 from src.evaluation.metrics import (
     METRIC_KEYS,
@@ -39,6 +45,18 @@ OOF_FILE = "oof_predictions.csv"
 FOLD_TABLE = "fold_metrics.csv"
 CLASS_TABLE = "per_class_metrics.csv"
 PLOTS_DIR = "plots"
+# headline.json (the DVC metrics; `make exp`): short name -> metrics.json key.  Short, because
+# `dvc exp show` gives every name a column.
+HEADLINE = {
+    "auc": "oof_roc_auc",
+    "auc_lo": "oof_roc_auc_ci_low",
+    "auc_hi": "oof_roc_auc_ci_high",
+    "sens": "oof_sensitivity",
+    "spec": "oof_specificity",
+    "bal_acc": "oof_balanced_accuracy",
+    "brier": "oof_brier",
+    "ece": "oof_ece",
+}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -152,6 +170,10 @@ def evaluate(params: Params) -> dict:
     classes, positive = list(metas[0].classes), metas[0].positive_class
     out = Path(cfg.out)
     metrics, folds, per_class = compute_metrics(oof, classes, positive, cfg)
+    for line in cv.warnings:  # data too small for the settings, found by train (model.data_checks)
+        log.warning("warning: %s", line)
+    if cv.warnings:
+        metrics["data_warnings"] = " | ".join(cv.warnings)
     metrics = with_provenance(metrics, provenance)
 
     files = [write_csv(oof, out / OOF_FILE)]
@@ -159,6 +181,7 @@ def evaluate(params: Params) -> dict:
     if per_class is not None:
         files.append(write_csv(per_class, out / CLASS_TABLE))
     files += write_plots(oof, classes, positive, cfg, out)
+    write_headline(out, metrics, HEADLINE)  # DVC's; MLflow gets every figure below
     files.append(write_metrics(out, metrics))
     # The PNGs and the tables go to MLflow; the plot CSVs are DVC's (they repeat the PNGs).
     log_to_parent(params, cv.parent_run_id, metrics, [f for f in files if f.suffix == ".png" or f.parent == out])

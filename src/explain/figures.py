@@ -4,6 +4,7 @@ Matplotlib runs headless (Agg) and every PNG is written to a temporary name firs
 """
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -79,25 +80,80 @@ class SheetItem:
     label: str
 
 
+SHEET_PANEL = 2.4          # inches per panel (width = height)
+SHEET_TITLE_PT = 10
+SHEET_CAPTION_PT = 7
+
+
+def _text_inches(lines: int, points: float) -> float:
+    """Height of `lines` lines of text at `points`, with matplotlib's 1.2 line spacing."""
+    return lines * points * 1.2 / 72.0
+
+
+def _fit(line: str, inches: float, points: float) -> str:
+    """`line` at most `inches` wide at `points`: broken at " | ", else shortened in the middle ("...")."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    prop, measure = FontProperties(size=points), TextToPath()
+
+    def wide(text: str) -> bool:
+        return measure.get_text_width_height_descent(text, prop, ismath=False)[0] / 72.0 > inches
+
+    if not wide(line):
+        return line
+    if " | " in line:  # "true C1 | predicted C3 (p=0.90)": two lines rather than a cut word
+        return "\n".join(_fit(part, inches, points) for part in line.split(" | "))
+    keep = len(line)
+    while keep > 2:
+        keep -= 1
+        short = line[: keep // 2] + "..." + line[len(line) - (keep - keep // 2):]
+        if not wide(short):
+            return short
+    return line[:1] + "..."
+
+
 def save_contact_sheet(path: str | Path, items: Sequence[SheetItem], title: str, alpha: float = 0.4,
                        columns: int = SHEET_COLUMNS) -> Path:
-    """A grid of overlays with one caption line each."""
+    """`contact_sheet` written as a PNG."""
+    fig = contact_sheet(items, title, alpha, columns)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    pyplot().close(fig)
+    return path
+
+
+def contact_sheet(items: Sequence[SheetItem], title: str, alpha: float = 0.4, columns: int = SHEET_COLUMNS):
+    """A figure: a grid of overlays with a caption above each and the title above them all.
+
+    The layout is set in inches: a band for the title, and above every row of panels a band
+    as tall as the longest caption, so the title, the captions and the images never overlap
+    (the title wraps; a caption line too wide for its panel breaks at " | " or is shortened in
+    the middle).
+    """
     plt = pyplot()
     n = max(len(items), 1)
     cols = min(columns, n)
     rows = -(-n // cols)
-    height = rows * 2.6 + 0.5
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.4, height), dpi=DPI, squeeze=False,
-                             gridspec_kw=dict(left=0.02, right=0.98, bottom=0.01, top=1 - 0.5 / height,
-                                              wspace=0.08, hspace=0.25))
+    width = cols * SHEET_PANEL
+    title_lines = textwrap.wrap(title, max(20, int(width * 72.0 / (0.6 * SHEET_TITLE_PT)))) or [""]
+    left, right, wspace = 0.02, 0.98, 0.08
+    panel_w = (right - left) * width / (cols + (cols - 1) * wspace)  # what gridspec gives each axes
+    captions = ["\n".join(_fit(line, panel_w, SHEET_CAPTION_PT) for line in item.label.split("\n"))
+                for item in items]
+    caption_h = _text_inches(max([c.count("\n") + 1 for c in captions] or [1]), SHEET_CAPTION_PT) + 0.08
+    title_h = _text_inches(len(title_lines), SHEET_TITLE_PT) + 0.2
+    margin = 0.08
+    height = title_h + rows * (SHEET_PANEL + caption_h) + margin
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), dpi=DPI, squeeze=False,
+                             gridspec_kw=dict(left=left, right=right, bottom=margin / height,
+                                              top=1 - (title_h + caption_h) / height,
+                                              wspace=wspace, hspace=caption_h / SHEET_PANEL))
     for ax in axes.flat:
         ax.set_axis_off()
-    for ax, item in zip(axes.flat, items):
+    for ax, item, text in zip(axes.flat, items, captions):
         ax.imshow(overlay(item.image, item.cam, alpha))
-        ax.set_title(item.label, fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+        ax.set_title(text, fontsize=SHEET_CAPTION_PT, pad=3)
+    fig.suptitle("\n".join(title_lines), fontsize=SHEET_TITLE_PT, y=1 - 0.1 / height, va="top")
+    return fig

@@ -28,7 +28,12 @@ from src.artifacts.cv_run import (
     read_cv,
     read_fold_predictions,
 )
-from src.artifacts.metrics_file import numeric, with_provenance, write_metrics
+from src.artifacts.metrics_file import (
+    numeric,
+    with_provenance,
+    write_headline,
+    write_metrics,
+)
 from src.artifacts.model_ref import checkpoint_dirs
 from src.artifacts.source_data import AUTO, is_within
 from src.artifacts.store import MANIFEST_FILE, PreparedStore
@@ -62,19 +67,32 @@ ARTIFACT_PATH = "gradcam"
 IMAGES_DIR = "images"
 IMAGES_FILE = "images.csv"
 EXAMPLE_FILE = "example.png"
-SHEET_FILE = "_contact_sheet.png"  # leading underscore: never a radiograph's own name
+# One contact sheet per class, `<class>.png`, in a folder of their own: dvc.yaml declares the
+# folder as image plots whatever the classes are called.  Leading underscore: never a class.
+SHEETS_DIR = "_contact_sheets"
 LOCALISATION_KEYS = ("energy_inside", "pointing_hit", "area_fraction")
+# headline.json (the DVC metric; `make exp`): the localisation figure, the share of the maps'
+# energy inside the ground-truth region, beside what a map spread evenly would put there (the
+# region's share of the image).  Null without masks.
+HEADLINE = {"cam_in": METRIC_PREFIX + "energy_inside_all", "cam_chance": METRIC_PREFIX + "area_fraction_all"}
 
 
 # ------------------------------------------------------------------ selection and the OOF rule
 def select_images(store: PreparedStore, per_class: int, seed: int) -> dict[str, np.ndarray]:
-    """Store indices of `per_class` random images of each class (all of a smaller class), sorted."""
+    """Store indices of `per_class` random images of each class (all of a smaller class), sorted.
+    One image per patient comes first: a patient's second radiograph shows the network little that
+    the first did not, so more images of one patient are taken only when the class runs out."""
     rng = np.random.default_rng(seed)
+    patients = store.patients
     chosen: dict[str, np.ndarray] = {}
     for label, name in enumerate(store.classes):
-        pool = np.flatnonzero(store.labels == label)
-        take = min(per_class, len(pool))
-        chosen[name] = np.sort(rng.choice(pool, size=take, replace=False)) if take else pool
+        order = rng.permutation(np.flatnonzero(store.labels == label))
+        seen: set[str] = set()
+        first, again = [], []
+        for row in order:
+            (again if patients[row] in seen else first).append(int(row))
+            seen.add(patients[row])
+        chosen[name] = np.sort(np.array((first + again)[:per_class], dtype=np.int64))
     return chosen
 
 
@@ -241,10 +259,13 @@ def run_gradcam(params: Params, *, log_to_mlflow: bool = True) -> dict[str, floa
     # so a failure anywhere leaves the previous run's outputs as they were.
     with atomic_dir(Path(cfg.out) / IMAGES_DIR, "gradcam.out") as tmp:
         examples: list[SheetItem] = []
+        done, total = 0, sum(len(v) for v in chosen.values())
         for cls, indices in chosen.items():
             (tmp / cls).mkdir(parents=True, exist_ok=True)
             sheet, taken = [], set()
             for row in indices:
+                done += 1
+                log.info("gradcam %d/%d: %s", done, total, store.manifest["file"].iloc[int(row)])
                 fm = out_of_fold_model(models, store, int(row))
                 mask = mask_for(store, int(row), masks_root) if masks_root is not None else None
                 rec, cam = explain_row(fm, store, int(row), cfg, mask)
@@ -258,8 +279,9 @@ def run_gradcam(params: Params, *, log_to_mlflow: bool = True) -> dict[str, floa
                 sheet.append(SheetItem(np.asarray(store.images[row]), cam, label))
                 rows.append(rec)
             if sheet:
-                save_contact_sheet(tmp / cls / SHEET_FILE, sheet, f"{cls}: {len(sheet)} random images, {cfg.method}, "
-                                   f"each by its out-of-fold model", alpha=cfg.alpha)
+                save_contact_sheet(tmp / SHEETS_DIR / f"{cls}.png", sheet,
+                                   f"{cls}: {len(sheet)} random images, {cfg.method}, each by its out-of-fold model",
+                                   alpha=cfg.alpha)
                 examples.append(sheet[0])
         if examples:
             save_contact_sheet(tmp / EXAMPLE_FILE, examples, f"{cfg.method}: one image per class", alpha=cfg.alpha)
@@ -272,6 +294,7 @@ def run_gradcam(params: Params, *, log_to_mlflow: bool = True) -> dict[str, floa
         seconds = float(np.mean([r["seconds_cam"] for r in rows])) if rows else math.nan
         if client is not None:
             _log_to_parent(client, cv.parent_run_id, tmp, metrics, cfg, models, seconds)
+        write_headline(cfg.out, metrics, HEADLINE)
         write_metrics(cfg.out, metrics)
     _print_summary(metrics, cfg, seconds)
     return metrics

@@ -17,6 +17,7 @@ import logging
 import math
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from src.artifacts.cv_run import (
     fold_complete,
     fold_dir,
     peek_cv,
+    read_fold_histories,
     read_fold_predictions,
     write_cv,
 )
@@ -46,7 +48,9 @@ from src.core.redact import redact_params
 from src.core.runtime import select_device
 from src.data.dataset import dataset_name
 from src.evaluation.metrics import auc_score, classification_metrics
+from src.evaluation.plots import plot_learning_curves
 from src.model import distributed
+from src.model.data_checks import data_warnings
 from src.model.distributed import Dist
 from src.model.fit import FoldResult, input_size, train_fold
 from src.model.fold_parallel import train_folds_in_parallel
@@ -204,9 +208,31 @@ class FoldRun:
             pass
 
 
+def fold_figures(done: dict[str, Any]) -> dict[str, float]:
+    """One fold's line in train's closing table: its test-fold figures, best epoch and time."""
+    m = done.get("metrics") or {}
+    return {"test_roc_auc": m.get("test_roc_auc"), "test_sensitivity": m.get("test_sensitivity"),
+            "test_specificity": m.get("test_specificity"), "best_epoch": done.get("best_epoch"),
+            "best_val_auc": done.get("best_val_auc"), "seconds": done.get("seconds")}
+
+
 def _running_run_ids(state: dict) -> list[str]:
     """Runs of folds in progress: `running` is {fold: run_id}."""
     return [r for r in (state.get("running") or {}).values() if r]
+
+
+def log_learning_curves(out: Path, n_folds: int, folds: dict[str, dict], name: str) -> None:
+    """Every fold's learning curve (its history.csv) in one PNG on the active parent run."""
+    import mlflow
+
+    histories = read_fold_histories(out, n_folds)
+    if not histories:  # folds trained by a version that wrote no history
+        return
+    best = {int(k): int(f["best_epoch"]) for k, f in folds.items() if f.get("best_epoch")}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = plot_learning_curves(histories, Path(tmp) / "learning_curves.png",
+                                    f"learning curves, {len(histories)} of {n_folds} folds: {name}", best)
+        mlflow.log_artifact(str(path), artifact_path="plots")
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -308,12 +334,17 @@ def run_cv(params: Params, *, resume: bool = True, ctx: Dist | None = None, devi
         log.info("fold %d: reusing finished fold (run %s)", k, state["folds"][str(k)]["run_id"])
     ctx.broadcast(pending)
     started = time.perf_counter()
+    warnings = data_warnings(params, store)
+    for line in warnings:
+        log.warning("warning: %s", line)
     with mlflow.start_run(run_id=state["parent_run_id"]) as parent:
         state["sessions"] = int(state.get("sessions", 0)) + 1
         if state["sessions"] == 1:
             tracking.log_params_flat(flatten(params))
         else:
             mlflow.set_tag("resumed_sessions", str(state["sessions"] - 1))
+        if warnings:
+            mlflow.set_tag("bone_health.warnings", "\n".join(warnings)[:5000])
         runs: dict[int, FoldRun] = {}
 
         def start(k: int) -> dict:
@@ -350,8 +381,10 @@ def run_cv(params: Params, *, resume: bool = True, ctx: Dist | None = None, devi
             raise
         summary = aggregate(state["folds"], classes, out)
         mlflow.log_metrics(_finite({**summary, "cv_seconds_this_session": time.perf_counter() - started}))
+        log_learning_curves(out, n_folds, state["folds"], run_name(params, store))
     cv = CvRun(parent_run_id=state["parent_run_id"], folds=n_folds,
                fold_run_ids={str(k): state["folds"][str(k)]["run_id"] for k in range(n_folds)},
-               run_name=run_name(params, store), metrics=summary)
+               run_name=run_name(params, store), metrics=summary, warnings=warnings,
+               fold_figures={k: fold_figures(state["folds"][k]) for k in sorted(state["folds"], key=int)})
     write_cv(out, cv)
     return ctx.broadcast(cv)

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from src.artifacts.checkpoint import CheckpointMeta, save_checkpoint
-from src.artifacts.cv_run import write_fold_predictions
+from src.artifacts.cv_run import write_fold_history, write_fold_predictions
 from src.artifacts.store import PreparedStore
 from src.core.config import Params, TrainParams
 from src.core.errors import BoneHealthError, DataError
@@ -185,7 +185,8 @@ def train_fold(params: Params, store: PreparedStore, fold: int, out_dir: Path, *
                epoch_callback: EpochCallback | None = None, device=None,
                extra_meta: dict[str, Any] | None = None, ctx: Dist | None = None) -> FoldResult:
     """Train on fold `fold`'s training part, select on its inner validation part, predict its
-    test fold once; writes test_predictions.csv, model.pt and meta.json (last) into out_dir.
+    test fold once; writes test_predictions.csv, history.csv (the learning curve), model.pt and
+    meta.json (last) into out_dir.
 
     `epoch_callback(epoch, record)` runs after every epoch (1-based); an exception it raises
     (e.g. optuna.TrialPruned) stops training and propagates, leaving out_dir untouched.
@@ -208,6 +209,7 @@ def train_fold(params: Params, store: PreparedStore, fold: int, out_dir: Path, *
                              **(extra_meta or {}))
     if ctx.is_main:
         write_fold_predictions(out_dir, predictions)
+        write_fold_history(out_dir, fit.history)
         # meta.json written last marks the folder complete
         save_checkpoint(out_dir, fit.engine.eval_model.state_dict(), meta)
     return FoldResult(

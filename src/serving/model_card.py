@@ -13,11 +13,14 @@ from typing import Any
 
 from src.artifacts.checkpoint import CheckpointMeta
 
+NOT_A_DIAGNOSIS = ("Not a diagnosis and not a medical device: every output needs review by a qualified "
+                   "clinician, and no clinical decision may rest on it.")
 INTENDED_USE = (
     "Research screening aid for studies of osteoporosis signs on dental panoramic radiographs "
-    "(Mandibular Cortical Index). Not a diagnosis and not a medical device: every output needs review "
-    "by a qualified clinician, and no clinical decision may rest on it."
+    f"(Mandibular Cortical Index). {NOT_A_DIAGNOSIS}"
 )
+DENTAL_MODALITY = "dental panoramic radiograph (OPG)"
+GENERIC_MODALITY = "radiograph"
 SYNTHETIC_LIMITATION = (
     "Trained and evaluated on SYNTHETIC phantom radiographs (src.phantom): the metrics show the pipeline "
     "works, and say nothing about performance on real patients."
@@ -31,8 +34,9 @@ LIMITATIONS = [
     "card show; the operating threshold was not tuned for a clinical prevalence.",
     "Raw images must be preprocessed exactly as in training (same mode, size, crop box convention, "
     "rolling ball / CLAHE); the registered model does this itself, so feed it the original files.",
-    "Crop-mode models need a box around the mandibular cortex (source pixels) with every image; "
-    "the square crop is centred on it exactly as in training, so a misplaced box misleads the model.",
+    "Crop-mode models need a box around the annotated region (the mandibular cortex in the lab's data; source "
+    "pixels) with every image; the square crop is centred on it exactly as in training, so a misplaced box "
+    "misleads the model.",
     "Grad-CAM maps show where the network looked, not why; they are a plausibility check, not an explanation "
     "a clinician can rely on.",
 ]
@@ -64,29 +68,51 @@ def metric_rows(metrics: dict[str, Any]) -> list[tuple[str, Any, Any, Any]]:
     return rows
 
 
+def wording(data: dict[str, Any], classes: list[str], positive: str | None) -> dict[str, str]:
+    """Task, intended use and modality from the data's own description (data.description,
+    data.modality); the lab's dental wording is the default only on the phantom, whose
+    signal mimics it.  Any other data with no description gets a neutral wording."""
+    dental = bool(data.get("synthetic_phantom")) and not data.get("description")
+    modality = data.get("modality") or (DENTAL_MODALITY if dental else GENERIC_MODALITY)
+    kind = "Binary screening" if len(classes) == 2 else "Multi-class grading"
+    if dental:
+        task = (f"{kind} of dental panoramic radiographs for osteoporosis (Mandibular Cortical Index)"
+                if len(classes) == 2 else f"{kind} of dental panoramic radiographs (Mandibular Cortical Index)")
+        return {"task": task, "intended_use": INTENDED_USE, "modality": modality}
+    what = data.get("description") or (f"{modality} images labelled {', '.join(classes)}"
+                                       + (f" (positive: {positive})" if positive else ""))
+    return {"task": f"{kind}: {what}",
+            "intended_use": f"Research aid for studies of {what}. {NOT_A_DIAGNOSIS}"
+                            + ("" if data.get("description") else " (set data.description to say what the images "
+                                                                    "show and what the classes mean)"),
+            "modality": modality}
+
+
 def build_metadata(*, name: str, version: str | None, strategy: str, meta: CheckpointMeta,
                    n_models: int, cv_metrics: dict[str, Any], gradcam_metrics: dict[str, Any] | None,
-                   data: dict[str, Any], provenance: dict[str, Any], versions: dict[str, str]) -> dict[str, Any]:
-    """The card as a MONAI-bundle-like metadata dict."""
+                   data: dict[str, Any], provenance: dict[str, Any], versions: dict[str, str],
+                   data_warnings: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The card as a MONAI-bundle-like metadata dict; `data_warnings` (cv.json: data too small
+    for the settings, model.data_checks) join the limitations."""
     classes = list(meta.classes)
     prep = meta.prepare_settings
     input_size = meta.input_size
+    words = wording(data, classes, meta.positive_class)
     return {
         "schema": METADATA_SCHEMA,
         "name": name,
         "version": version,
-        "task": "Binary screening of dental panoramic radiographs for osteoporosis (Mandibular Cortical Index)"
-        if len(classes) == 2 else "Multi-class grading of dental panoramic radiographs (Mandibular Cortical Index)",
+        "task": words["task"],
         "description": (
             f"{meta.model} ({'mean of ' + str(n_models) + ' cross-validation fold models' if strategy == 'ensemble' else 'one model refit on all data'})"
             f", {prep.get('mode', '?')}-mode preprocessing reproduced from the raw file inside the model."
         ),
-        "intended_use": INTENDED_USE,
+        "intended_use": words["intended_use"],
         "pytorch_version": versions.get("torch"),
         "numpy_version": versions.get("numpy"),
         "optional_packages_version": {k: v for k, v in versions.items() if k not in ("torch", "numpy")},
         "data_source": data.get("name"),
-        "data_type": "PNG, JPEG, TIFF, BMP or DICOM panoramic radiograph, decoded to one grey channel in [0, 1]",
+        "data_type": f"PNG, JPEG, TIFF, BMP or DICOM {words['modality']}, decoded to one grey channel in [0, 1]",
         "image_classes": "single channel grey radiograph, intensity scaled to [0, 1], then the training preprocessing",
         "label_classes": {str(i): c for i, c in enumerate(classes)},
         "pred_classes": f"{len(classes)} probabilities summing to 1, in the order {classes}",
@@ -98,7 +124,7 @@ def build_metadata(*, name: str, version: str | None, strategy: str, meta: Check
                 "image": {
                     "type": "image",
                     "format": "file bytes, base64 in column 'image'",
-                    "modality": "dental panoramic radiograph (OPG)",
+                    "modality": words["modality"],
                     "num_channels": meta.in_chans,
                     "spatial_shape": input_size,
                     "dtype": "float32",
@@ -122,7 +148,9 @@ def build_metadata(*, name: str, version: str | None, strategy: str, meta: Check
         },
         "data": data,
         "provenance": provenance,
-        "limitations": ([SYNTHETIC_LIMITATION] if data.get("synthetic_phantom") else []) + LIMITATIONS,
+        "limitations": ([SYNTHETIC_LIMITATION] if data.get("synthetic_phantom") else [])
+        + [f"Training data warning: {w}" for w in data_warnings]
+        + LIMITATIONS,
     }
 
 

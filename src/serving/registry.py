@@ -60,7 +60,7 @@ from src.core.fileio import (
     sha256_file,
 )
 from src.core.redact import redact_params
-from src.core.tracking import git_commit, log_params_flat
+from src.core.tracking import git_commit, log_params_flat, mlflow_metrics
 from src.data.dataset import dataset_name
 from src.model.fit import train_all
 from src.serving.model_card import build_metadata, render_markdown
@@ -77,6 +77,10 @@ CARD_METADATA_FILE = "metadata.json"  # its name in the run, as in a MONAI bundl
 LOCAL_METADATA_FILE = "model_card.json"  # its name in register.out, beside evaluate's files
 RESULT_FILE = "registered.json"
 METRIC_TAG_PREFIX = "metric."
+# The figures people compare, as version tags (plus the gate's own keys); every metric is on the
+# register run that logged the model, and in the model card.
+TAGGED_METRICS = ("oof_roc_auc", "oof_roc_auc_ci_low", "oof_roc_auc_ci_high", "oof_sensitivity",
+                  "oof_specificity", "oof_balanced_accuracy", "oof_brier", "oof_ece", "n_collapsed_folds")
 # Where the version's metric.<name> tags came from (evaluate's metrics.json provenance), next to
 # `cv_parent_run_id`/`checkpoints_sha256` (what was registered): promote checks they agree.
 METRICS_CV_TAG = "metrics_cv_parent_run_id"
@@ -161,6 +165,9 @@ def store_info(params: Params, meta: CheckpointMeta) -> dict[str, Any]:
                 if "patient" in frame:
                     info["patients"] = int(frame["patient"].nunique())
     info["synthetic_phantom"] = is_within(str(info["root"]), params.phantom.out)
+    # the model card's wording (model_card.wording)
+    info.update({k: v for k, v in (("description", params.data.description),
+                                   ("modality", params.data.modality)) if v})
     info["manifest_sha256"] = info["manifest_sha256"] or "unknown"
     return info
 
@@ -226,7 +233,9 @@ def pip_requirements() -> list[str]:
 
 def version_tags(*, params: Params, cv: CvRun, metrics: dict[str, float], provenance: Provenance,
                  data: dict[str, Any], git: str, strategy: str, n_models: int, meta: CheckpointMeta) -> dict[str, str]:
-    tags = {f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in metrics.items()}
+    gate = params.register.gate
+    keep = {*TAGGED_METRICS, gate.metric, f"{gate.metric}_ci_low", f"{gate.metric}_ci_high", gate.sensitivity_metric}
+    tags = {f"{METRIC_TAG_PREFIX}{k}": repr(v) for k, v in metrics.items() if k in keep}
     tags.update({
         "cv_parent_run_id": cv.parent_run_id,
         CHECKPOINTS_TAG: provenance.checkpoints_sha256,
@@ -310,7 +319,7 @@ def register(params: Params, *, strategy: str | None = None) -> Registered:
                       "checkpoints_sha256": checked.checkpoints_sha256, "registered_at": utc_now()}
         card_meta = build_metadata(name=cfg.name, version=None, strategy=strategy, meta=meta, n_models=len(members),
                                    cv_metrics=metrics, gradcam_metrics=gradcam, data=data, provenance=provenance,
-                                   versions=versions)
+                                   versions=versions, data_warnings=cv.warnings)
         tags = version_tags(params=params, cv=cv, metrics=metrics, provenance=checked, data=data, git=git,
                             strategy=strategy, n_models=len(members), meta=meta)
 
@@ -318,7 +327,7 @@ def register(params: Params, *, strategy: str | None = None) -> Registered:
                               tags={"mlflow.parentRunId": parent.info.run_id, "stage": "register",
                                     "git_commit": git, "manifest_sha256": str(data["manifest_sha256"])}) as run:
             log_params_flat(flatten(params))
-            mlflow.log_metrics(metrics)
+            mlflow.log_metrics(mlflow_metrics(metrics))
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT_NAME,
                 python_model=str(PYFUNC_ENTRY),
@@ -342,6 +351,7 @@ def register(params: Params, *, strategy: str | None = None) -> Registered:
 
     client.set_model_version_tag(cfg.name, version.version, "model_card", f"runs:/{run_id}/{CARD_KEY}/{CARD_FILE}")
     client.update_model_version(cfg.name, version.version, description=_summary(cfg.name, version.version, metrics, params))
+    client.update_registered_model(cfg.name, description=_model_description(cfg, card_meta))
     client.set_registered_model_alias(cfg.name, cfg.challenger_alias, version.version)
     client.set_model_version_tag(cfg.name, version.version, "challenger_since", utc_now())
 
@@ -352,6 +362,18 @@ def register(params: Params, *, strategy: str | None = None) -> Registered:
     atomic_write_json(out / LOCAL_METADATA_FILE, card_meta)
     atomic_write_json(out / RESULT_FILE, {k: v for k, v in asdict(result).items() if k != "tags"})
     return result
+
+
+def _model_description(cfg, card_meta: dict[str, Any]) -> str:
+    """The registered model's own description (the UI's model page): what it does and how its
+    aliases move; each version's description and card hold its figures."""
+    return (f"{card_meta['task']}. {card_meta['intended_use']}\n\n"
+            f"Versions come from `python -m src.register` (a {card_meta['description']}); the newest is "
+            f"@{cfg.challenger_alias}. `python -m src.promote` moves @{cfg.champion_alias} to it only when it passes "
+            f"the gate on {cfg.gate.metric} ("
+            + (f"its CI above {cfg.gate.floor}, and " if cfg.gate.floor is not None else "")
+            + "better than the champion). "
+            "Each version's model_card tag points at its card.")
 
 
 def _summary(name: str, version: str, metrics: dict[str, float], params: Params) -> str:

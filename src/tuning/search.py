@@ -129,13 +129,15 @@ class TrialRun:
     def log_fold(self, fold: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
             if value is not None and np.isfinite(value):
-                self.client.log_metric(self.run_id, key, float(value), step=fold)
+                self.client.log_metric(self.run_id, tracking.metric_name(key), float(value), step=fold)
 
     def finish(self, state: str, value: float | None) -> None:
         self.client.set_tag(self.run_id, "optuna.state", state)
         if value is not None and np.isfinite(value):
             self.client.log_metric(self.run_id, "objective", float(value))
-        status = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}[state]
+        # A pruned trial did what it was asked: MLflow's KILLED would read as a crash.  It ends
+        # FINISHED, and its tag optuna.state=pruned (filter: tags.`optuna.state` = 'pruned') tells it apart.
+        status = {"complete": "FINISHED", "pruned": "FINISHED", "failed": "FAILED"}[state]
         self.client.set_terminated(self.run_id, status=status)
 
 
@@ -182,6 +184,7 @@ def run_trial(params: Params, study, trial, parent_id: str, store) -> float:
             scores.append(metrics[key])
             trial.report(metrics[key], step=fold)  # step = fold id: the pruner pairs folds across trials
             trial.set_user_attr("folds_trained", done)
+            log.info("trial %d fold %d (%d/%d): %s %.4f", trial.number, fold, done, store.n_folds, key, metrics[key])
             # after the last fold there is nothing left to save: a complete value tells TPE more
             if done < store.n_folds and trial.should_prune():
                 state, value = "pruned", float(np.nanmean(scores))
@@ -190,6 +193,10 @@ def run_trial(params: Params, study, trial, parent_id: str, store) -> float:
         return value
     finally:
         run.finish(state, value)
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in redact_params(values).items())
+        log.info("trial %d %s: %s %s after %d fold(s); %s", trial.number,
+                 "finished" if state == "complete" else state, params.tune.objective,
+                 "n/a" if value is None else f"{value:.4f}", len(scores), shown)
         if not params.tune.keep_checkpoints:
             shutil.rmtree(trial_dir, ignore_errors=True)
 
