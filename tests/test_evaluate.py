@@ -92,8 +92,8 @@ def test_binary_metrics_files_plots_and_mlflow(tmp_path):
 
     client = MlflowClient(tracking_uri=params.mlflow.tracking_uri)
     run = client.get_run(parent)
-    assert run.data.metrics["oof_roc_auc"] == pytest.approx(metrics["oof_roc_auc"])
-    assert run.data.metrics["oof_sensitivity"] == pytest.approx(metrics["oof_sensitivity"])
+    assert run.data.metrics["oof/roc_auc"] == pytest.approx(metrics["oof_roc_auc"])  # grouped in the UI
+    assert run.data.metrics["oof/sensitivity"] == pytest.approx(metrics["oof_sensitivity"])
     logged = {a.path for a in client.list_artifacts(parent, "plots")}
     assert logged == {f"plots/{n}.png" for n in ("roc", "pr", "confusion", "calibration")}
     assert "evaluation/metrics.json" in {a.path for a in client.list_artifacts(parent, "evaluation")}

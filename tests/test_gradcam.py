@@ -339,8 +339,8 @@ def test_stage_writes_and_logs_overlays_and_metrics(inputs, tmp_path):
     assert all(0 <= v <= 1 for k, v in metrics.items() if k.startswith(("gradcam_energy", "gradcam_pointing")))
 
     run = MlflowClient().get_run(run_id)
-    assert run.data.metrics["gradcam_energy_inside_all"] == pytest.approx(metrics["gradcam_energy_inside_all"])
-    assert run.data.metrics["gradcam_seconds_per_image"] > 0
+    assert run.data.metrics["gradcam/energy_inside_all"] == pytest.approx(metrics["gradcam_energy_inside_all"])
+    assert run.data.metrics["gradcam/seconds_per_image"] > 0
     assert run.data.tags["gradcam.method"] == "gradcam" and run.data.tags["gradcam.target_layer"] == "bn2"
 
     # rerun: same selection, same numbers (ROAD's noise is seeded per image)

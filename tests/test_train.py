@@ -21,6 +21,7 @@ from src.core.cli import run_main
 from src.core.config import AugmentParams
 from src.core.errors import BoneHealthError
 from src.core.runtime import select_device
+from src.core.tracking import metric_name
 from src.data.augment import augment_batch, build_augment
 from src.data.splits import fold_split
 from src.model.cross_validation import run_cv
@@ -196,21 +197,28 @@ def test_mlflow_structure_one_parent_k_children(binary_cv):
     children = runs[runs["tags.mlflow.parentRunId"] == cv.parent_run_id]
     assert len(runs) == 4 and len(children) == 3
     assert set(children["status"]) == {"FINISHED"} and parent["status"] == "FINISHED"
-    assert parent["tags.mlflow.runName"] == "test_efficientnet_tiny_crop32_b8_e2"
+    # the lab's name, then a hash of the training settings that differ from the defaults
+    assert parent["tags.mlflow.runName"].startswith("test_efficientnet_tiny_crop32_b8_e2-")
+    assert "train.lr=0.01" in parent["tags.bone_health.changed"]
+    assert parent["tags.mlflow.user"] and parent["tags.mlflow.source.name"]  # the UI's User/Source columns
     for tag in ("git_commit", "manifest_sha256", "dataset", "device"):
         assert parent[f"tags.{tag}"], tag
     assert parent["tags.manifest_sha256"] == json.loads((Path(params.prepare.out) / "meta.json").read_text())["manifest_sha256"]
     assert parent["params.train.lr"] == "0.01" and parent["params.train.augment.strength"] == "0.5"
-    assert 0.0 <= parent["metrics.cv_oof_roc_auc"] <= 1.0 and parent["metrics.cv_folds_finished"] == 3
+    assert 0.0 <= parent["metrics.cv/oof_roc_auc"] <= 1.0 and parent["metrics.cv/folds_finished"] == 3
+    dataset = MlflowClient().get_run(cv.parent_run_id).inputs.dataset_inputs[0].dataset
+    assert dataset.name == "tiny" and dataset.digest == json.loads(
+        (Path(params.prepare.out) / "meta.json").read_text())["manifest_sha256"][:8]
 
     client = MlflowClient()
     assert cv.status == "FINISHED" and cv.folds == 3
     assert set(cv.fold_run_ids) == {"0", "1", "2"} and set(cv.fold_run_ids.values()) == set(children["run_id"])
     for k, run_id in cv.fold_run_ids.items():
-        for name in EPOCH_METRICS:
-            assert [m.step for m in client.get_metric_history(run_id, name)] == [1, 2], name
+        for name in EPOCH_METRICS:  # grouped in the UI: train/loss, val/auc, ...
+            assert [m.step for m in client.get_metric_history(run_id, metric_name(name))] == [1, 2], name
         run = client.get_run(run_id)
-        assert {"test_roc_auc", "test_sensitivity", "test_specificity", "best_val_auc"} <= set(run.data.metrics)
+        assert {"test/roc_auc", "test/sensitivity", "test/specificity", "val/best_auc"} <= set(run.data.metrics)
+        assert run.data.params["train.lr"] == "0.01" and run.data.params["train.model"] == "test_efficientnet"
         assert {a.path for a in client.list_artifacts(run_id, "checkpoint")} == {"checkpoint/model.pt", "checkpoint/meta.json"}
         meta = json.loads((tmp / "models" / f"fold_{k}" / "meta.json").read_text())
         assert meta["mlflow_run_id"] == run_id
@@ -232,11 +240,12 @@ def test_each_fold_writes_its_learning_curve_and_the_parent_run_gets_the_figure(
         assert list(history.columns) == ["epoch", "train_loss", "val_loss", "val_auc", "lr"] == list(HISTORY_COLUMNS)
         assert history["epoch"].tolist() == [1, 2]
         for name in HISTORY_COLUMNS[1:]:
-            logged = [m.value for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)]
+            logged = [m.value for m in sorted(client.get_metric_history(run_id, metric_name(name)),
+                                              key=lambda m: m.step)]
             assert history[name].to_numpy() == pytest.approx(logged), (k, name)
         best = json.loads((tmp / "models" / f"fold_{k}" / "meta.json").read_text())["best_epoch"]
         assert history.loc[history["epoch"] == best, "val_auc"].item() == pytest.approx(
-            client.get_run(run_id).data.metrics["best_val_auc"])
+            client.get_run(run_id).data.metrics["val/best_auc"])
     assert [a.path for a in client.list_artifacts(cv.parent_run_id, "plots")] == ["plots/learning_curves.png"]
     local = client.download_artifacts(cv.parent_run_id, "plots/learning_curves.png", str(tmp / "downloaded"))
     assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -289,7 +298,7 @@ def test_resume_after_kill_mid_fold(tmp_path):
                                   filter_string=f"tags.mlflow.parentRunId = '{cv.parent_run_id}'")
     statuses = sorted(r.info.status for r in children)
     assert statuses == ["FINISHED", "FINISHED", "KILLED"]
-    assert client.get_run(cv.parent_run_id).data.metrics["cv_folds_finished"] == 2
+    assert client.get_run(cv.parent_run_id).data.metrics["cv/folds_finished"] == 2
     assert all((out / f"fold_{k}" / "test_predictions.csv").is_file() for k in range(2))
 
 

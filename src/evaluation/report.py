@@ -21,6 +21,7 @@ from src.artifacts.metrics_file import (
     write_metrics,
 )
 from src.core.config import Params
+from src.core.tracking import mlflow_metrics
 from src.evaluation.metrics import (
     METRIC_KEYS,
     bootstrap_auc_ci,
@@ -150,7 +151,7 @@ def log_to_parent(params: Params, run_id: str, metrics: dict, files: list[Path])
     client, _ = open_parent_run(params.mlflow, params.train.out, run_id)
     now = int(time.time() * 1000)
     # numeric(): the provenance strings are not metrics (the parent run is the CV they name).
-    batch = [Metric(k, float(v), now, 0) for k, v in numeric(metrics).items()]
+    batch = [Metric(k, v, now, 0) for k, v in mlflow_metrics(numeric(metrics)).items()]
     for i in range(0, len(batch), 500):
         client.log_batch(run_id, metrics=batch[i:i + 500])
     for path in files:

@@ -41,7 +41,7 @@ from src.core.config import GradcamParams, Params
 from src.core.errors import BoneHealthError, DataError
 from src.core.fileio import atomic_dir, atomic_write_text
 from src.core.runtime import select_device
-from src.core.tracking import tracking_uri
+from src.core.tracking import mlflow_metrics, tracking_uri
 from src.data.imaging import read_image
 from src.data.preprocess import preprocess_image, resize, square_crop
 from src.explain.cam import (
@@ -320,7 +320,7 @@ def _log_to_parent(client, run_id: str, folder: Path, metrics: dict[str, float],
     layers = sorted({fm.layer_name or "input" for fm in models.values()})
     tags = {"gradcam.method": cfg.method, "gradcam.target_layer": ",".join(layers), "gradcam.target": cfg.target,
             "gradcam.perturbation": cfg.perturbation}
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in finite.items()],
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in mlflow_metrics(finite).items()],
                      tags=[RunTag(k, v) for k, v in tags.items()])
     client.log_artifacts(run_id, str(folder), artifact_path=ARTIFACT_PATH)
     with tempfile.TemporaryDirectory() as tmp:

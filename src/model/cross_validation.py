@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -61,16 +62,56 @@ SRC_ROOT = Path(__file__).resolve().parents[1]
 TRAINING_PACKAGES = ("core", "artifacts", "data", "evaluation", "model")
 
 EPOCH_METRICS = ("train_loss", "val_loss", "val_auc", "lr", "images_per_s")
+RUN_ONLY_TRAIN_KEYS = ("out", "num_workers", "threads", "devices", "fold_parallel")
 
 
 # ----------------------------------------------------------------------------- naming
 def run_name(params: Params, store: PreparedStore) -> str:
-    """The lab's folder naming: model, dataset, mode+size, batch, epochs."""
+    """The lab's folder naming (model, dataset, mode+size, batch, epochs), then the DVC experiment's
+    name or, outside one, a short hash of the other training settings that differ from the
+    defaults: two runs that differ in lr alone no longer share a name."""
     h, w = input_size(params.train, store)
     size = f"{h}" if h == w else f"{h}x{w}"
     mode = store.meta.get("mode", params.prepare.mode)
     cfg = params.train
-    return f"{cfg.model}_{dataset_name(params)}_{mode}{size}_b{cfg.batch_size}_e{cfg.epochs}"
+    name = f"{cfg.model}_{dataset_name(params)}_{mode}{size}_b{cfg.batch_size}_e{cfg.epochs}"
+    if os.environ.get(DVC_EXP_ENV):
+        return f"{name}-{os.environ[DVC_EXP_ENV]}"
+    changed = {k: v for k, v in changed_settings(params).items() if k not in NAMED_SETTINGS}
+    if changed:
+        name += "-" + hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:6]
+    return name
+
+
+DVC_EXP_ENV = "DVC_EXP_NAME"  # set by `dvc exp run` for the stages it runs
+NAMED_SETTINGS = {"train.model", "train.batch_size", "train.epochs"}  # already in the lab's name
+KEY_TRAIN_SETTINGS = ("model", "lr", "epochs", "batch_size", "optimizer", "scheduler", "weight_decay",
+                      "pretrained", "seed", "augment.strength", "class_balance", "ema_decay")
+
+
+def changed_settings(params: Params) -> dict[str, Any]:
+    """train.* settings (results-bearing ones: not where or how fast) that differ from the defaults."""
+    ours, default = (flatten({"train": p.train.model_dump(mode="json")}) for p in (params, Params()))
+    skip = {f"train.{k}" for k in RUN_ONLY_TRAIN_KEYS}
+    return {k: v for k, v in ours.items() if k not in skip and v != default.get(k)}
+
+
+def log_dataset(params: Params, store: PreparedStore) -> None:
+    """The prepared store as the run's input dataset (MLflow's Datasets panel): its manifest's
+    schema and digest, named like the data, with the store folder as its source."""
+    import mlflow
+    from mlflow.data.pandas_dataset import from_pandas
+
+    table = store.manifest[[c for c in ("file", "class", "label", "patient", "fold") if c in store.manifest]]
+    dataset = from_pandas(table, source=str(store.root), name=dataset_name(params), targets="label",
+                          digest=str(store.meta.get("manifest_sha256", ""))[:8] or None)
+    mlflow.log_input(dataset, context="training")
+
+
+def fold_key_params(params: Params) -> dict[str, Any]:
+    """The settings people filter fold runs by, on each fold run (the parent has them all)."""
+    flat = flatten({"train": params.train.model_dump(mode="json")})
+    return {f"train.{k}": flat.get(f"train.{k}") for k in KEY_TRAIN_SETTINGS}
 
 
 def code_fingerprint(root: Path = SRC_ROOT, packages: tuple[str, ...] = TRAINING_PACKAGES) -> str:
@@ -88,7 +129,7 @@ def fingerprint(params: Params, store: PreparedStore, world: int = 1) -> str:
     after a code change reruns this stage, which must then train anew, not reuse old folds)."""
     train = params.train.model_dump(mode="json")
     # Where results go and how fast they come don't change them; `devices` is counted as `world`.
-    for key in ("out", "num_workers", "threads", "devices", "fold_parallel"):
+    for key in RUN_ONLY_TRAIN_KEYS:
         train.pop(key, None)
     payload = {
         "world": world,
@@ -169,14 +210,15 @@ class FoldRun:
     """One fold's nested MLflow run, written through the client: the same calls log a fold
     trained here, under torchrun (rank 0), or in a `train.fold_parallel` worker process."""
 
-    def __init__(self, client, experiment_id: str, parent_id: str, parent_name: str, fold: int):
+    def __init__(self, client, experiment_id: str, parent_id: str, parent_name: str, fold: int,
+                 key_params: dict[str, Any] | None = None):
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
         self.client = client
         run = client.create_run(experiment_id, run_name=f"fold_{fold}",
                                 tags={"fold": str(fold), MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: f"fold_{fold}"})
         self.run_id = run.info.run_id
-        self._log(params={"fold": fold, "parent_run_name": parent_name})
+        self._log(params={"fold": fold, "parent_run_name": parent_name, **(key_params or {})})
 
     def _log(self, metrics: dict[str, Any] | None = None, params: dict[str, Any] | None = None, step: int = 0) -> None:
         from mlflow.entities import Metric, Param
@@ -184,7 +226,7 @@ class FoldRun:
         now = int(time.time() * 1000)
         self.client.log_batch(
             self.run_id,
-            metrics=[Metric(k, v, now, step) for k, v in _finite(metrics or {}).items()],
+            metrics=[Metric(tracking.metric_name(k), v, now, step) for k, v in _finite(metrics or {}).items()],
             params=[Param(k, str(v)) for k, v in (params or {}).items()])
 
     def log_epoch(self, epoch: int, record: dict) -> None:
@@ -320,9 +362,18 @@ def run_cv(params: Params, *, resume: bool = True, ctx: Dist | None = None, devi
             "model": cfg.model,
             "store": str(store.root),
             "mode": str(store.meta.get("mode", "")),
+            "bone_health.changed": ", ".join(f"{k}={v}" for k, v in changed_settings(params).items())[:5000]
+            or "(defaults)",
         }
-        # settings-derived values (the store path, say) are shown in the UI: no URL password in them
-        parent = client.create_run(experiment_id, run_name=run_name(params, store), tags=redact_params(tags))
+        if os.environ.get(DVC_EXP_ENV):
+            tags["dvc.exp_name"] = os.environ[DVC_EXP_ENV]
+        # The client makes runs without the context tags mlflow.start_run adds (user, source, git);
+        # the UI's "User" and "Source" columns need them.  Settings-derived values (the store path,
+        # say) are shown in the UI: no URL password in them.
+        from mlflow.tracking.context.registry import resolve_tags
+
+        parent = client.create_run(experiment_id, run_name=run_name(params, store),
+                                   tags=resolve_tags(redact_params(tags)))
         state = {"fingerprint": fp, "parent_run_id": parent.info.run_id, "folds": {}, "running": {},
                  "sessions": 0}
     (out / CV_FILE).unlink(missing_ok=True)  # a cv.json that is present is a finished one
@@ -341,6 +392,7 @@ def run_cv(params: Params, *, resume: bool = True, ctx: Dist | None = None, devi
         state["sessions"] = int(state.get("sessions", 0)) + 1
         if state["sessions"] == 1:
             tracking.log_params_flat(flatten(params))
+            log_dataset(params, store)
         else:
             mlflow.set_tag("resumed_sessions", str(state["sessions"] - 1))
         if warnings:
@@ -348,7 +400,8 @@ def run_cv(params: Params, *, resume: bool = True, ctx: Dist | None = None, devi
         runs: dict[int, FoldRun] = {}
 
         def start(k: int) -> dict:
-            runs[k] = FoldRun(client, experiment_id, state["parent_run_id"], parent.info.run_name, k)
+            runs[k] = FoldRun(client, experiment_id, state["parent_run_id"], parent.info.run_name, k,
+                              key_params=fold_key_params(params))
             state["running"][str(k)] = runs[k].run_id
             atomic_write_json(out / STATE_FILE, state)
             return {"mlflow_run_id": runs[k].run_id, "parent_run_id": state["parent_run_id"]}
@@ -380,7 +433,7 @@ def run_cv(params: Params, *, resume: bool = True, ctx: Dist | None = None, devi
                 shutil.rmtree(fold_dir(out, int(k)), ignore_errors=True)
             raise
         summary = aggregate(state["folds"], classes, out)
-        mlflow.log_metrics(_finite({**summary, "cv_seconds_this_session": time.perf_counter() - started}))
+        mlflow.log_metrics(tracking.mlflow_metrics({**summary, "cv_seconds_this_session": time.perf_counter() - started}))
         log_learning_curves(out, n_folds, state["folds"], run_name(params, store))
     cv = CvRun(parent_run_id=state["parent_run_id"], folds=n_folds,
                fold_run_ids={str(k): state["folds"][str(k)]["run_id"] for k in range(n_folds)},

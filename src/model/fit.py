@@ -183,7 +183,8 @@ def _fit(params: Params, store: PreparedStore, meta: CheckpointMeta, train_rows:
 
 def train_fold(params: Params, store: PreparedStore, fold: int, out_dir: Path, *,
                epoch_callback: EpochCallback | None = None, device=None,
-               extra_meta: dict[str, Any] | None = None, ctx: Dist | None = None) -> FoldResult:
+               extra_meta: dict[str, Any] | None = None, ctx: Dist | None = None,
+               label: str | None = None) -> FoldResult:
     """Train on fold `fold`'s training part, select on its inner validation part, predict its
     test fold once; writes test_predictions.csv, history.csv (the learning curve), model.pt and
     meta.json (last) into out_dir.
@@ -199,7 +200,7 @@ def train_fold(params: Params, store: PreparedStore, fold: int, out_dir: Path, *
     started = time.perf_counter()
     split = fold_split(store, fold, cfg.val_fraction, cfg.seed)
     meta = checkpoint_meta(params, store, fold)
-    fit = _fit(params, store, meta, split.train, split.val, cfg.seed + fold, f"fold {fold}", device, epoch_callback,
+    fit = _fit(params, store, meta, split.train, split.val, cfg.seed + fold, label or f"fold {fold}", device, epoch_callback,
                ctx)
 
     test_rows = split.test if ctx.is_main else split.test[:0]

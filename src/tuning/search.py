@@ -178,7 +178,8 @@ def run_trial(params: Params, study, trial, parent_id: str, store) -> float:
     state, value = "failed", None
     try:
         for done, fold in enumerate(order, start=1):
-            result = train_fold(tparams, store, fold, trial_dir / f"fold_{fold}")
+            result = train_fold(tparams, store, fold, trial_dir / f"fold_{fold}",
+                                label=f"trial {trial.number} fold {fold}")
             metrics = fold_objective(tparams, result)
             run.log_fold(fold, metrics)
             scores.append(metrics[key])
