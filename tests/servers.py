@@ -129,36 +129,31 @@ def postgres_server() -> Iterator[str]:
 
 # ---------------------------------------------------------------------- MLflow server
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, artifacts: Path, env: dict | None = None) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1 with one worker and no job runner (see DESIGN.md)."""
+def http_server(argv: list[str], log: Path, timeout: float, **popen) -> Iterator[str]:
+    """Start `argv` (its port already in it, as `{port}`) in its own process group; yield its
+    URL once /health answers; stop the group."""
     port = free_port()
+    proc = subprocess.Popen([a.replace("{port}", str(port)) for a in argv], stdout=open(log, "ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True, **popen)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", timeout=timeout, proc=proc)
+        yield url
+    finally:
+        stop_group(proc)
+
+
+def mlflow_server(backend_uri: str, artifacts: Path, env: dict | None = None):
+    """`mlflow server` on 127.0.0.1 with one worker and no job runner (see DESIGN.md)."""
     mlflow_exe = str(Path(sys.executable).with_name("mlflow"))
     full_env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
     full_env.pop("MLFLOW_TRACKING_URI", None)
-    log = artifacts.parent / f"mlflow-server-{port}.log"
-    proc = subprocess.Popen(
-        [mlflow_exe, "server", "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", timeout=120, proc=proc)
-        yield url
-    finally:
-        stop_group(proc)
+    return http_server([mlflow_exe, "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
+                        str(artifacts), "--host", "127.0.0.1", "--port", "{port}", "--workers", "1"],
+                       artifacts.parent / f"mlflow-server-{os.getpid()}-{time.time_ns()}.log", 120, env=full_env)
 
 
-@contextlib.contextmanager
-def fault_proxy(upstream: str, rules: Path) -> Iterator[str]:
+def fault_proxy(upstream: str, rules: Path):
     """tests/fault_proxy.py in front of `upstream`; the test steers it with write_rules(rules, ...)."""
-    port = free_port()
-    repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fault_proxy", "--port", str(port), "--upstream", upstream,
-                             "--rules", str(rules)], cwd=repo, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=open(rules.with_suffix(".log"), "ab"))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", timeout=60, proc=proc)
-        yield url
-    finally:
-        stop_group(proc)
+    return http_server([sys.executable, "-m", "tests.fault_proxy", "--port", "{port}", "--upstream", upstream,
+                        "--rules", str(rules)], rules.with_suffix(".log"), 60, cwd=Path(__file__).resolve().parents[1])
