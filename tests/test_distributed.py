@@ -151,7 +151,7 @@ def test_torchrun_with_batchnorm_logs_once_from_rank_zero(tmp_path):
     assert sorted(r.data.tags["fold"] for r in children) == ["0", "1"]
     assert all(r.info.status == "FINISHED" for r in children + parents)
     for child in children:
-        history = client.get_metric_history(child.info.run_id, "val/auc")
+        history = client.get_metric_history(child.info.run_id, "epoch/val_auc")
         assert [m.step for m in history] == [1, 2]
         assert "test/roc_auc" in child.data.metrics
     assert json.loads((Path(params.train.out) / CV_FILE).read_text())["status"] == "FINISHED"
@@ -192,7 +192,7 @@ def test_fold_parallel_gives_the_sequential_results_and_logs_each_fold(tmp_path)
     assert len(parents) == 1 and len(children) == 3
     for child in children:
         assert child.info.status == "FINISHED"
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")] == [1, 2]
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "epoch/train_loss")] == [1, 2]
         names = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"checkpoint", "test_predictions.csv"} <= names
     state = json.loads((Path(parallel.train.out) / "cv_state.json").read_text())

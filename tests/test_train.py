@@ -214,10 +214,10 @@ def test_mlflow_structure_one_parent_k_children(binary_cv):
     assert cv.status == "FINISHED" and cv.folds == 3
     assert set(cv.fold_run_ids) == {"0", "1", "2"} and set(cv.fold_run_ids.values()) == set(children["run_id"])
     for k, run_id in cv.fold_run_ids.items():
-        for name in EPOCH_METRICS:  # grouped in the UI: train/loss, val/auc, ...
+        for name in EPOCH_METRICS:  # grouped in the UI: epoch/train_loss, epoch/val_auc, ...
             assert [m.step for m in client.get_metric_history(run_id, metric_name(name))] == [1, 2], name
         run = client.get_run(run_id)
-        assert {"test/roc_auc", "test/sensitivity", "test/specificity", "val/best_auc"} <= set(run.data.metrics)
+        assert {"test/roc_auc", "test/sensitivity", "test/specificity", "fold/best_val_auc"} <= set(run.data.metrics)
         assert run.data.params["train.lr"] == "0.01" and run.data.params["train.model"] == "test_efficientnet"
         assert {a.path for a in client.list_artifacts(run_id, "checkpoint")} == {"checkpoint/model.pt", "checkpoint/meta.json"}
         meta = json.loads((tmp / "models" / f"fold_{k}" / "meta.json").read_text())
@@ -245,7 +245,7 @@ def test_each_fold_writes_its_learning_curve_and_the_parent_run_gets_the_figure(
             assert history[name].to_numpy() == pytest.approx(logged), (k, name)
         best = json.loads((tmp / "models" / f"fold_{k}" / "meta.json").read_text())["best_epoch"]
         assert history.loc[history["epoch"] == best, "val_auc"].item() == pytest.approx(
-            client.get_run(run_id).data.metrics["val/best_auc"])
+            client.get_run(run_id).data.metrics["fold/best_val_auc"])
     assert [a.path for a in client.list_artifacts(cv.parent_run_id, "plots")] == ["plots/learning_curves.png"]
     local = client.download_artifacts(cv.parent_run_id, "plots/learning_curves.png", str(tmp / "downloaded"))
     assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -153,16 +153,20 @@ def git_commit(cwd: str | Path = ".") -> str:
         return "unknown"
 
 
-# MLflow's UI groups charts by the part of a metric name before "/": per-epoch curves under
-# train/ and val/, a fold's test figures under test/, the CV's under cv/, evaluate's under oof/ ...
+# MLflow's UI groups charts by the part of a metric name before "/", sections in alphabetical
+# order: a fold run shows its learning curves first (epoch/), then its one-value figures (fold/,
+# test/); the CV parent has cv/, evaluate's oof/, fold_mean/ ..., Grad-CAM's gradcam/.
 # Files (metrics.json, cv.json) keep their flat names: the gate and DVC read those.
-METRIC_GROUPS = ("train", "val", "test", "cv", "oof", "fold_mean", "fold_std", "class", "gradcam", "fold")
-RENAMED_METRICS = {"lr": "train/lr", "images_per_s": "train/images_per_s", "best_val_auc": "val/best_auc",
-                   "best_epoch": "train/best_epoch", "epochs_run": "train/epochs_run", "fold_seconds": "train/seconds"}
+METRIC_GROUPS = ("test", "cv", "oof", "fold_mean", "fold_std", "class", "gradcam", "fold")
+RENAMED_METRICS = {
+    "train_loss": "epoch/train_loss", "val_loss": "epoch/val_loss", "val_auc": "epoch/val_auc", "lr": "epoch/lr",
+    "images_per_s": "epoch/images_per_s", "best_val_auc": "fold/best_val_auc", "best_epoch": "fold/best_epoch",
+    "epochs_run": "fold/epochs_run", "fold_seconds": "fold/seconds",
+}
 
 
 def metric_name(key: str) -> str:
-    """The MLflow name of a metric: `train_loss` -> `train/loss`, `oof_roc_auc` -> `oof/roc_auc`."""
+    """The MLflow name of a metric: `train_loss` -> `epoch/train_loss`, `oof_roc_auc` -> `oof/roc_auc`."""
     if key in RENAMED_METRICS:
         return RENAMED_METRICS[key]
     for group in sorted(METRIC_GROUPS, key=len, reverse=True):  # fold_mean before fold

@@ -96,6 +96,20 @@ def changed_settings(params: Params) -> dict[str, Any]:
     return {k: v for k, v in ours.items() if k not in skip and v != default.get(k)}
 
 
+def run_description(params: Params, store: PreparedStore, summary: dict[str, float], warnings: list[str]) -> str:
+    """The parent run's description in the UI (Markdown): what was trained on what, and how it did."""
+    cfg = params.train
+    changed = ", ".join(f"`{k}={v}`" for k, v in changed_settings(params).items()) or "none"
+    lines = [f"{store.n_folds}-fold patient-grouped CV of **{cfg.model}** on **{dataset_name(params)}** "
+             f"({len(store.images)} images, classes {', '.join(store.classes)}, positive {store.positive_class}).",
+             f"Pooled out-of-fold ROC AUC **{summary.get('cv_oof_roc_auc', float('nan')):.3f}**; per-fold test AUC "
+             f"{summary.get('cv_test_roc_auc_mean', float('nan')):.3f} ± {summary.get('cv_test_roc_auc_std', float('nan')):.3f}. "
+             "`python -m src.evaluate` adds the CIs and calibration.",
+             f"Training settings changed from the defaults: {changed}."]
+    lines += [f"**Warning:** {w}" for w in warnings]
+    return "\n\n".join(lines)
+
+
 def log_dataset(params: Params, store: PreparedStore) -> None:
     """The prepared store as the run's input dataset (MLflow's Datasets panel): its manifest's
     schema and digest, named like the data, with the store folder as its source."""
@@ -435,6 +449,7 @@ def run_cv(params: Params, *, resume: bool = True, ctx: Dist | None = None, devi
         summary = aggregate(state["folds"], classes, out)
         mlflow.log_metrics(tracking.mlflow_metrics({**summary, "cv_seconds_this_session": time.perf_counter() - started}))
         log_learning_curves(out, n_folds, state["folds"], run_name(params, store))
+        mlflow.set_tag("mlflow.note.content", run_description(params, store, summary, warnings))
     cv = CvRun(parent_run_id=state["parent_run_id"], folds=n_folds,
                fold_run_ids={str(k): state["folds"][str(k)]["run_id"] for k in range(n_folds)},
                run_name=run_name(params, store), metrics=summary, warnings=warnings,
