@@ -18,7 +18,7 @@ import torch
 from src.artifacts.cv_run import CV_FILE, STATE_FILE
 from src.artifacts.store import PreparedStore
 from src.core.cli import run_main
-from src.core.config import AugmentParams
+from src.core.config import AugmentParams, with_values
 from src.core.errors import BoneHealthError
 from src.core.runtime import select_device
 from src.core.tracking import metric_name
@@ -335,6 +335,10 @@ def test_the_resume_fingerprint_covers_the_training_code(tmp_path):
     params = tiny_params(tmp_path, root)
     store = PreparedStore.open(root)
     assert fingerprint(params, store) == fingerprint(params, store)  # stable across calls
+    # the CPU thread count changes the numbers (issue 19), so finished folds of another count are not reused
+    one, two = (with_values(params, {"train.threads": n}) for n in (1, 2))
+    assert fingerprint(one, store) != fingerprint(two, store)
+    assert fingerprint(one, store, device_type="cuda") == fingerprint(two, store, device_type="cuda")
     # A copy of the packages: one changed byte in a trainer module changes the code fingerprint.
     src = Path(__file__).resolve().parents[1] / "src"
     copy = tmp_path / "src"
