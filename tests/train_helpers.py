@@ -8,8 +8,9 @@ images; folds are patient-grouped and stratified, like src.prepare's.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import subprocess
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from src.core.config import MlflowParams
 from src.core.errors import BoneHealthError
@@ -33,8 +35,8 @@ def _user_tracking_env() -> str | None:
 
 
 def tracking_uri(cfg: MlflowParams) -> str:
-    """MLFLOW_TRACKING_URI wins (a shared server); otherwise the params' SQLite file."""
-    uri = _user_tracking_env() or cfg.tracking_uri
+    """The URI to connect to (current_uri), with the folder of a SQLite file made."""
+    uri = current_uri(cfg)
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         db.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +90,7 @@ def with_retries(what: str, call: Callable[[], T], cfg: MlflowParams) -> T:
 
 
 def current_uri(cfg: MlflowParams) -> str:
+    """MLFLOW_TRACKING_URI wins (a shared server); otherwise the params' SQLite file."""
     return _user_tracking_env() or cfg.tracking_uri
 
 
@@ -175,10 +178,12 @@ def metric_name(key: str) -> str:
     return key
 
 
-def mlflow_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """Finite numbers only, under their MLflow names."""
+def mlflow_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Finite numbers only (numpy's too), under their MLflow names: MLflow takes NaN, but a metric
+    that is undefined (one-class split) reads better absent; strings (provenance, warnings) and
+    bools are no metrics."""
     return {metric_name(k): float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+            if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))}
 
 
 def log_params_flat(flat: dict[str, Any]) -> None:

@@ -73,7 +73,7 @@ def prepare(params: Params) -> Path:
         report["fold_counts"] = fold_summary(kept, fold, ds.classes)
         report["source_sizes"] = {f"{h}x{w}": n for (h, w), n in source_sizes.most_common()}
         report["store_size"] = [int(size[0]), int(size[1])]
-        report["mode"] = mode_choice(params.prepare.mode, prep.mode, kept)
+        report["mode"] = mode_choice(params.prepare.mode, prep.mode, ds.records)
         report["warnings"] = _warnings(report, source_sizes, crop)
         write_manifest(tmp / MANIFEST_FILE, _manifest_rows(kept, [infos[i] for i in keep], fold))
         meta = {
@@ -125,8 +125,13 @@ def resolve_settings(prep: PrepareParams, records: list[ImageRecord]) -> tuple[P
     into the stored settings so inference resizes any new image to exactly the trained size.
     """
     sizes = Counter(s for s in (probe_size(r.path) for r in records) if s is not None)
+    return sized(prep, sizes), sizes
+
+
+def sized(prep: PrepareParams, sizes: Counter) -> PrepareParams:
+    """`prep` with full mode's [h, w] fixed from the source sizes (see resolve_settings)."""
     if prep.mode != "full" or prep.full.size is not None:
-        return prep, sizes
+        return prep
     if not sizes:
         raise DataError("prepare.full: no readable image header to take the size from; set prepare.full.size")
     if prep.full.downscale:
@@ -134,7 +139,7 @@ def resolve_settings(prep: PrepareParams, records: list[ImageRecord]) -> tuple[P
     else:
         ratio = median_aspect(sizes)
         resolved = full_size((ratio, 1.0), None, None, prep.full.long_side)
-    return prep.model_copy(update={"full": prep.full.model_copy(update={"size": resolved})}), sizes
+    return prep.model_copy(update={"full": prep.full.model_copy(update={"size": resolved})})
 
 
 def median_aspect(sizes: Counter) -> float:

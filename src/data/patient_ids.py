@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 # Tried in order; each needs a (?P<patient>...) group.  Separators: _ - space and dot.
 CANDIDATES = (

@@ -24,7 +24,7 @@ from src.data.build_store import (
     aspect_warning,
     median_aspect,
     resolve_mode,
-    resolve_settings,
+    sized,
 )
 from src.data.dataset import Dataset, discover
 from src.data.imaging import probe_header
@@ -70,8 +70,7 @@ def survey(params: Params) -> Survey:
     all_sizes = sum(out.sizes.values(), Counter())
     settings = {"mode": prep.mode, "patient_regex": ds.patient_regex}
     if prep.mode == "full" and all_sizes:
-        resolved, _ = resolve_settings(prep, ds.records)
-        size = tuple(resolved.full.size)
+        size = tuple(sized(prep, all_sizes).full.size)  # from the headers read above, not read again
         settings["size"] = list(size)
         line = aspect_warning(all_sizes, size, listed="")
         if line:

@@ -15,7 +15,6 @@ import pandas as pd
 from src.artifacts.cv_run import cv_provenance, load_oof, open_parent_run, read_cv
 from src.artifacts.metrics_file import (
     clean,
-    numeric,
     with_provenance,
     write_headline,
     write_metrics,
@@ -150,8 +149,8 @@ def log_to_parent(params: Params, run_id: str, metrics: dict, files: list[Path])
 
     client, _ = open_parent_run(params.mlflow, params.train.out, run_id)
     now = int(time.time() * 1000)
-    # numeric(): the provenance strings are not metrics (the parent run is the CV they name).
-    batch = [Metric(k, v, now, 0) for k, v in mlflow_metrics(numeric(metrics)).items()]
+    # numbers only: the provenance strings are not metrics (the parent run is the CV they name).
+    batch = [Metric(k, v, now, 0) for k, v in mlflow_metrics(metrics).items()]
     for i in range(0, len(batch), 500):
         client.log_batch(run_id, metrics=batch[i:i + 500])
     for path in files:

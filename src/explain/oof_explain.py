@@ -29,7 +29,6 @@ from src.artifacts.cv_run import (
     read_fold_predictions,
 )
 from src.artifacts.metrics_file import (
-    numeric,
     with_provenance,
     write_headline,
     write_metrics,
@@ -314,13 +313,12 @@ def _log_to_parent(client, run_id: str, folder: Path, metrics: dict[str, float],
     from mlflow.entities import Metric, RunTag
 
     now = int(time.time() * 1000)
-    finite = {k: float(v) for k, v in numeric(metrics).items() if np.isfinite(v)}  # not the provenance strings
-    if np.isfinite(seconds):
-        finite[METRIC_PREFIX + "seconds_per_image"] = seconds
+    # numbers only (not the provenance strings), the seconds when measured
+    logged = mlflow_metrics({**metrics, METRIC_PREFIX + "seconds_per_image": seconds})
     layers = sorted({fm.layer_name or "input" for fm in models.values()})
     tags = {"gradcam.method": cfg.method, "gradcam.target_layer": ",".join(layers), "gradcam.target": cfg.target,
             "gradcam.perturbation": cfg.perturbation}
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in mlflow_metrics(finite).items()],
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in logged.items()],
                      tags=[RunTag(k, v) for k, v in tags.items()])
     client.log_artifacts(run_id, str(folder), artifact_path=ARTIFACT_PATH)
     with tempfile.TemporaryDirectory() as tmp:

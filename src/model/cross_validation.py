@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -196,12 +195,6 @@ def _kill_orphans(client, experiment_id: str, parent_id: str, cfg: MlflowParams)
 
 
 # ----------------------------------------------------------------------------- logging
-def _finite(metrics: dict[str, Any]) -> dict[str, float]:
-    """MLflow takes NaN, but a metric that is undefined (e.g. one-class split) reads better absent."""
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(float(v))}
-
-
 def test_metrics(result_predictions: pd.DataFrame, classes: list[str], positive: str, threshold: float) -> dict[str, float]:
     probs = result_predictions[[f"prob_{c}" for c in classes]].to_numpy()
     m = classification_metrics(result_predictions["label"].to_numpy(), probs, classes.index(positive), threshold)
@@ -243,7 +236,7 @@ class FoldRun:
         now = int(time.time() * 1000)
         self.client.log_batch(
             self.run_id,
-            metrics=[Metric(tracking.metric_name(k), v, now, step) for k, v in _finite(metrics or {}).items()],
+            metrics=[Metric(k, v, now, step) for k, v in tracking.mlflow_metrics(metrics or {}).items()],
             params=[Param(k, str(v)) for k, v in (params or {}).items()])
 
     def log_epoch(self, epoch: int, record: dict) -> None:
@@ -335,6 +328,7 @@ def run_cv(params: Params, *, resume: bool = True, ctx: Dist | None = None, devi
     experiment_id = tracking.configure(params.mlflow)
     client = MlflowClient()
     fp = fingerprint(params, store, ctx.world, device.type)
+    name = run_name(params, store)
 
     previous = _read_json(out / STATE_FILE)
     state = previous if resume and previous and previous.get("fingerprint") == fp else None
@@ -389,7 +383,7 @@ def run_cv(params: Params, *, resume: bool = True, ctx: Dist | None = None, devi
         # say) are shown in the UI: no URL password in them.
         from mlflow.tracking.context.registry import resolve_tags
 
-        parent = client.create_run(experiment_id, run_name=run_name(params, store),
+        parent = client.create_run(experiment_id, run_name=name,
                                    tags=resolve_tags(redact_params(tags)))
         state = {"fingerprint": fp, "parent_run_id": parent.info.run_id, "folds": {}, "running": {},
                  "sessions": 0}
@@ -451,11 +445,11 @@ def run_cv(params: Params, *, resume: bool = True, ctx: Dist | None = None, devi
             raise
         summary = aggregate(state["folds"], classes, out)
         mlflow.log_metrics(tracking.mlflow_metrics({**summary, "cv_seconds_this_session": time.perf_counter() - started}))
-        log_learning_curves(out, n_folds, state["folds"], run_name(params, store))
+        log_learning_curves(out, n_folds, state["folds"], name)
         mlflow.set_tag("mlflow.note.content", run_description(params, store, summary, warnings))
     cv = CvRun(parent_run_id=state["parent_run_id"], folds=n_folds,
                fold_run_ids={str(k): state["folds"][str(k)]["run_id"] for k in range(n_folds)},
-               run_name=run_name(params, store), metrics=summary, warnings=warnings,
+               run_name=name, metrics=summary, warnings=warnings,
                fold_figures={k: fold_figures(state["folds"][k]) for k in sorted(state["folds"], key=int)})
     write_cv(out, cv)
     return ctx.broadcast(cv)
