@@ -84,6 +84,27 @@ def test_wrong_type_or_range_names_key_and_value(tmp_path, override, fragment):
     assert fragment in msg and str(path) in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.ema_decay=fast", "train.ema_decay: got 'fast'; expected auto or a number (--set train.ema_decay=0.5), "
+                             "or null (--set train.ema_decay=null)"),
+    ("train.ema_decay=1.0", "train.ema_decay: expected auto, null or a number between 0 and 1 (exclusive) (got 1.0)"),
+])
+def test_a_union_setting_says_every_accepted_form_in_one_line(tmp_path, override, message):
+    path = write(tmp_path, {})
+    with pytest.raises(ParamsError) as exc:
+        load_params(path, [override])
+    assert str(exc.value) == f"{path}: {message}"
+
+
+def test_early_stopping_without_a_criterion_is_refused(tmp_path):
+    path = write(tmp_path, {})
+    with pytest.raises(ParamsError) as exc:
+        load_params(path, ["train.checkpoint=last", "train.early_stopping_patience=3"])
+    assert str(exc.value) == (f"{path}: train.early_stopping_patience=3 needs train.checkpoint val_auc or val_loss: "
+                              "with last, no epoch counts as an improvement")
+    assert load_params(path, ["train.checkpoint=val_loss", "train.early_stopping_patience=3"]).train.checkpoint == "val_loss"
+
+
 def test_cross_check_positive_class(tmp_path):
     path = write(tmp_path, {"data": {"classes": ["A", "B"], "positive_class": "C3"}})
     with pytest.raises(ParamsError, match="positive_class"):

@@ -26,7 +26,8 @@ from src.data.augment import augment_batch, build_augment
 from src.data.splits import fold_split
 from src.model.cross_validation import run_cv
 from src.model.factory import load_checkpoint, predict_proba
-from src.model.fit import train_all, train_fold
+from src.model.engine import build_engine, ema_decay_for
+from src.model.fit import checkpoint_meta, train_all, train_fold
 from src.train import main as train_main
 from tests.train_helpers import make_tiny_store, tiny_params, write_params
 
@@ -118,6 +119,44 @@ def test_ema_weights_are_what_is_validated_saved_and_tested(tmp_path):
     assert np.allclose(again[:, 1], res.test_predictions["prob_C3"], atol=1e-5)
     plain = train_fold(tiny_params(tmp_path, root, epochs=2, ema_decay=None), store, 0, tmp_path / "plain")
     assert not np.allclose(plain.test_predictions["prob_C3"], res.test_predictions["prob_C3"])
+
+
+def test_ema_auto_spans_a_tenth_of_the_run_and_is_off_for_short_runs(tmp_path):
+    root = make_tiny_store(tmp_path / "s", n_per_class=8, folds=2)
+    cfg = tiny_params(tmp_path, root, ema_decay="auto").train
+    assert ema_decay_for(cfg, 200) == pytest.approx(0.95)      # time constant 20 of 200 steps
+    assert ema_decay_for(cfg, 2000) == pytest.approx(0.995)
+    assert ema_decay_for(cfg, 49) is None and ema_decay_for(cfg, None) is None
+    assert ema_decay_for(cfg.model_copy(update={"ema_decay": 0.99}), 10) == 0.99
+    assert ema_decay_for(cfg.model_copy(update={"ema_decay": None}), 1000) is None
+    store = PreparedStore.open(root)
+    meta = checkpoint_meta(tiny_params(tmp_path, root), store, 0)
+    engine = build_engine(cfg, meta, torch.device("cpu"), store.labels, total_steps=400)
+    assert engine.ema is not None and engine.ema.decay == pytest.approx(0.975)
+    assert build_engine(cfg, meta, torch.device("cpu"), store.labels, total_steps=20).ema is None
+
+
+@pytest.mark.parametrize("criterion", ["val_auc", "val_loss", "last"])
+def test_checkpoint_criterion_picks_the_epoch_it_names(tmp_path, criterion):
+    root = make_tiny_store(tmp_path / "s", n_per_class=8, folds=2)
+    store = PreparedStore.open(root)
+    res = train_fold(tiny_params(tmp_path, root, epochs=4, checkpoint=criterion), store, 0, tmp_path / "m")
+    history = pd.DataFrame(res.history)
+    expected = {
+        "last": 4,
+        "val_loss": int(history.loc[history["val_loss"].idxmin(), "epoch"]),
+        # ties in AUC (it saturates) go to the lower loss
+        "val_auc": int(history[history["val_auc"] == history["val_auc"].max()]
+                       .sort_values("val_loss").iloc[0]["epoch"]),
+    }[criterion]
+    assert res.best_epoch == expected
+    assert res.best_val_auc == pytest.approx(history.loc[history["epoch"] == expected, "val_auc"].item())
+    # the kept weights are that epoch's: the checkpoint reproduces the test predictions
+    model, meta = load_checkpoint(tmp_path / "m")
+    assert meta.best_epoch == expected
+    rows = res.test_predictions["index"].to_numpy()
+    assert np.allclose(predict_proba(model, np.asarray(store.images[rows]), meta)[:, 1],
+                       res.test_predictions["prob_C3"], atol=1e-5)
 
 
 def test_train_all_refits_on_every_image_for_fixed_epochs(tmp_path):

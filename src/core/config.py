@@ -12,10 +12,10 @@ import difflib
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from src.core.errors import BoneHealthError
 
@@ -204,8 +204,11 @@ class TrainParams(Section):
     class_balance: Literal["none", "weights", "sampler"] = Field("weights", description='none | weights | sampler')
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: Optional[float] = Field(None, gt=0.0)
-    ema_decay: Optional[float] = Field(0.99, gt=0.0, lt=1.0,
-        description='EMA of the weights (warm-up ramp) for validation, checkpoint, test; null: off')
+    ema_decay: Optional[Union[Literal["auto"], float]] = Field(0.99,
+        description='EMA of the weights (warm-up ramp) for validation, checkpoint, test; auto: averages\n'
+                    'over the last ~10% of the run\'s optimiser steps, off under 50 steps; null: off')
+    checkpoint: Literal["val_auc", "val_loss", "last"] = Field("val_auc",
+        description='weights kept: val_auc (best inner-val AUC, ties by loss) | val_loss | last epoch')
     seed: int = 0
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description='auto: cuda, then mps, then cpu')
@@ -222,6 +225,20 @@ class TrainParams(Section):
     fold_parallel: int = Field(1, ge=1,
         description='folds trained at once, one worker process each (round-robin over GPUs)')
     augment: AugmentParams = Field(default_factory=AugmentParams)
+
+    @model_validator(mode="after")
+    def _stopping_needs_a_criterion(self):
+        if self.checkpoint == "last" and self.early_stopping_patience:
+            raise ValueError(f"train.early_stopping_patience={self.early_stopping_patience} needs train.checkpoint "
+                             "val_auc or val_loss: with last, no epoch counts as an improvement")
+        return self
+
+    @field_validator("ema_decay")
+    @classmethod
+    def _ema_range(cls, value):
+        if isinstance(value, float) and not 0.0 < value < 1.0:
+            raise ValueError(f"expected auto, null or a number between 0 and 1 (exclusive) (got {value})")
+        return value
 
 
 # ----------------------------------------------------------------------- evaluate
@@ -465,9 +482,24 @@ def _format_error(err: ValidationError, source: str) -> str:
     msg = first["msg"]
     if first["type"] == "value_error":
         msg = msg.removeprefix("Value error, ")
-        return f"{source}: {msg}" if key == "<root>" else f"{source}: {key}: {msg}"
-    form = accepted_form(tuple(str(p) for p in first["loc"] if not isinstance(p, int)))
+        # a section's own check names its keys in full ("train.x needs train.y"): no "train:" before it
+        return f"{source}: {msg}" if key == "<root>" or msg.startswith(f"{key}.") else f"{source}: {key}: {msg}"
+    path = _field_path(first["loc"])
+    form = accepted_form(path)
+    if len(path) < len([p for p in first["loc"] if not isinstance(p, int)]):
+        # a union (e.g. auto or a number): pydantic reports one error per member; say what fits instead
+        return f"{source}: {'.'.join(path)}: got {first.get('input')!r}; expected {form}"
     return f"{source}: {key}: {msg} (got {first.get('input')!r})" + (f"; expected {form}" if form else "")
+
+
+def _field_path(loc: tuple) -> tuple[str, ...]:
+    """The leading part of a pydantic error location that names fields (not union members or indices)."""
+    path: list[str] = []
+    for part in loc:
+        if isinstance(part, int) or _field_at((*path, str(part))) is None:
+            break
+        path.append(str(part))
+    return tuple(path)
 
 
 def _field_at(path: tuple[str, ...]):
@@ -494,9 +526,13 @@ def accepted_form(path: tuple[str, ...]) -> str | None:
     ann = field.annotation
     optional = type(None) in typing.get_args(ann)
     inner = [a for a in typing.get_args(ann) if a is not type(None)] if optional else [ann]
-    kind = inner[0] if len(inner) == 1 else ann
+    kind = inner[0] if len(inner) == 1 else typing.Union[tuple(inner)]
     origin = typing.get_origin(kind)
-    if origin is Literal:
+    if origin is typing.Union and all(typing.get_origin(a) is Literal or a in (int, float) for a in typing.get_args(kind)):
+        words = [" | ".join(str(v) for v in typing.get_args(a)) if typing.get_origin(a) is Literal else "a number"
+                 for a in typing.get_args(kind)]
+        form = f"{' or '.join(words)} (--set {key}={_EXAMPLE[float]})"
+    elif origin is Literal:
         form = f"one of {' | '.join(str(v) for v in typing.get_args(kind))} (--set {key}={typing.get_args(kind)[0]})"
     elif origin in (tuple, list):
         args = [a for a in typing.get_args(kind) if a is not Ellipsis]

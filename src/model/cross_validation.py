@@ -85,7 +85,7 @@ def run_name(params: Params, store: PreparedStore) -> str:
 DVC_EXP_ENV = "DVC_EXP_NAME"  # set by `dvc exp run` for the stages it runs
 NAMED_SETTINGS = {"train.model", "train.batch_size", "train.epochs"}  # already in the lab's name
 KEY_TRAIN_SETTINGS = ("model", "lr", "epochs", "batch_size", "optimizer", "scheduler", "weight_decay",
-                      "pretrained", "seed", "augment.strength", "class_balance", "ema_decay")
+                      "pretrained", "seed", "augment.strength", "class_balance", "ema_decay", "checkpoint")
 
 
 def changed_settings(params: Params) -> dict[str, Any]:

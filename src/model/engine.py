@@ -158,8 +158,24 @@ class Engine:
         return np.concatenate(out) if out else np.zeros((0, self.meta.num_classes))
 
 
+EMA_AUTO_SHARE = 0.1      # ema_decay auto: the average spans ~this share of the run's optimiser steps
+EMA_AUTO_MIN_STEPS = 50   # ... and is off below this many steps (a time constant under 5 steps averages nothing)
+
+
+def ema_decay_for(cfg: TrainParams, total_steps: int | None) -> float | None:
+    """The EMA decay one run uses: train.ema_decay, or for `auto` 1 - 1/tau with tau a tenth of
+    the run's optimiser steps.  A fixed 0.99 (tau 100 steps) spans half of a 200-step CPU run,
+    so its checkpoints still carry the early weights; 0.9999 on a long GPU run would do the same."""
+    if cfg.ema_decay != "auto":
+        return cfg.ema_decay
+    if not total_steps or total_steps < EMA_AUTO_MIN_STEPS:
+        return None
+    return 1.0 - 1.0 / (EMA_AUTO_SHARE * total_steps)
+
+
 def build_engine(cfg: TrainParams, meta: CheckpointMeta, device: torch.device, train_labels: np.ndarray,
-                 ctx: Dist | None = None) -> Engine:
+                 ctx: Dist | None = None, total_steps: int | None = None) -> Engine:
+    """`total_steps` (optimiser steps of the whole run) sizes `ema_decay: auto`."""
     ctx = ctx or Dist()
     n_classes = meta.num_classes
     model = create_model(cfg.model, num_classes=n_classes, in_chans=cfg.in_chans, pretrained=cfg.pretrained,
@@ -171,10 +187,11 @@ def build_engine(cfg: TrainParams, meta: CheckpointMeta, device: torch.device, t
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type) if (dtype == torch.float16 and device.type == "cuda") else None
     ema = None
-    if cfg.ema_decay:
-        # Warm-up ramp (decay 1 - (1 + step)^-2/3, capped at ema_decay): a CPU run has only a
-        # few hundred steps, so a fixed 0.99 would still average in the random initialisation.
-        ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
+    decay = ema_decay_for(cfg, total_steps)
+    if decay:
+        # Warm-up ramp (decay 1 - (1 + step)^-2/3, capped at the decay): without it the first
+        # hundreds of steps would still average in the random initialisation.
+        ema = ModelEmaV3(model, decay=decay, use_warmup=True)
     # DDP broadcasts rank 0's initial weights, so every process starts from the same network.
     model = wrap(model, ctx, device, cfg.sync_bn)
     return Engine(

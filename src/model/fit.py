@@ -81,10 +81,13 @@ def _val_loss(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(np.log(p)))
 
 
-def _better(auc: float, loss: float, best: tuple[float, float] | None) -> bool:
-    """Checkpoint criterion: higher inner-val AUC; equal AUC (it saturates on small sets) -> lower loss."""
-    if best is None:
+def _better(auc: float, loss: float, best: tuple[float, float] | None, criterion: str = "val_auc") -> bool:
+    """train.checkpoint: val_auc: higher inner-val AUC, equal AUC (it saturates on small sets) ->
+    lower loss; val_loss: lower loss; last: every epoch replaces the one before."""
+    if best is None or criterion == "last":
         return True
+    if criterion == "val_loss":
+        return (loss if not math.isnan(loss) else math.inf) < best[1]
     a = -math.inf if math.isnan(auc) else auc
     b = -math.inf if math.isnan(best[0]) else best[0]
     if a != b:
@@ -134,11 +137,12 @@ def _fit(params: Params, store: PreparedStore, meta: CheckpointMeta, train_rows:
     if len(np.unique(labels[train_rows])) < len(store.classes):
         raise DataError(f"{store.root}: the training part of {label} lacks a class; need more patients per class")
 
-    engine = build_engine(cfg, meta, device, labels[train_rows], ctx)
+    steps_per_epoch = max(1, sum(1 for _ in batches_of(train_rows, cfg.batch_size, ctx.world)))
+    engine = build_engine(cfg, meta, device, labels[train_rows], ctx, total_steps=steps_per_epoch * cfg.epochs)
     if ctx.active:
         # Same initial weights everywhere (above), but each rank its own dropout masks.
         torch.manual_seed(seed + 1_000_003 * ctx.rank)
-    schedule = Schedule(engine.optimizer, cfg, max(1, sum(1 for _ in batches_of(train_rows, cfg.batch_size, ctx.world))))
+    schedule = Schedule(engine.optimizer, cfg, steps_per_epoch)
     source = BatchSource(store, build_augment(cfg.augment, seed=seed + 7919 * ctx.rank))
     val_images, val_labels = store.images[val_rows], labels[val_rows]
     rng = np.random.default_rng(seed)
@@ -162,10 +166,11 @@ def _fit(params: Params, store: PreparedStore, meta: CheckpointMeta, train_rows:
         record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_auc": val_auc,
                   "lr": lr, "images_per_s": speed}
         history.append(record)
-        improved = _better(val_auc, val_loss, best) if len(val_rows) else True
+        improved = _better(val_auc, val_loss, best, cfg.checkpoint) if len(val_rows) else True
         if improved:
             best, best_epoch, stale = (val_auc, val_loss), epoch, 0
-            if len(val_rows) and ctx.is_main:  # without validation the last epoch wins: no copy needed
+            # the last epoch's weights are already loaded: copy only what a later epoch may replace
+            if len(val_rows) and ctx.is_main and cfg.checkpoint != "last":
                 best_state = copy.deepcopy({k: v.detach().to("cpu") for k, v in engine.eval_model.state_dict().items()})
         else:
             stale += 1
