@@ -25,8 +25,8 @@ from src.core.tracking import metric_name
 from src.data.augment import augment_batch, build_augment
 from src.data.splits import fold_split
 from src.model.cross_validation import run_cv
-from src.model.factory import load_checkpoint, predict_proba
 from src.model.engine import build_engine, ema_decay_for
+from src.model.factory import load_checkpoint, predict_proba
 from src.model.fit import checkpoint_meta, train_all, train_fold
 from src.train import main as train_main
 from tests.train_helpers import make_tiny_store, tiny_params, write_params

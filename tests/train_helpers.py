@@ -104,6 +104,9 @@ def tiny_params(tmp_path: str | Path, store: str | Path, **train: Any) -> Params
         # One thread: the tiny model gains nothing from more, and on a shared CPU extra
         # OpenMP threads spin against other processes (several times slower).
         "threads": 1,
+        # The tests of early stopping and best-epoch choice need a criterion; the shipped
+        # default (last) is covered by test_checkpoint_criterion_picks_the_epoch_it_names.
+        "checkpoint": "val_auc",
     }
     train_cfg.update(train)
     raw = {

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from src.core.errors import BoneHealthError
 
@@ -186,12 +193,12 @@ class TrainParams(Section):
     in_chans: Literal[1, 3] = 1
     image_size: Optional[int] = Field(None, ge=16, le=2048, description='null: the prepared size')
     drop_rate: float = Field(0.2, ge=0.0, lt=1.0)
-    epochs: int = Field(12, ge=1,
+    epochs: int = Field(18, ge=1,
         description='sized for 2 CPU cores (make repro <= 10 min); GPU profiles: params/gpu-lab-*.yaml')
     batch_size: int = Field(8, ge=1,
         description='more steps per epoch: from scratch on ~140 images, steps matter more than batch')
     optimizer: Literal["adam", "adamw", "sgd"] = Field("adamw", description='adam | adamw | sgd')
-    lr: float = Field(3e-3, gt=0.0, le=10.0)
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     scheduler: Literal["plateau", "cosine", "none"] = Field("cosine",
@@ -204,10 +211,10 @@ class TrainParams(Section):
     class_balance: Literal["none", "weights", "sampler"] = Field("weights", description='none | weights | sampler')
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: Optional[float] = Field(None, gt=0.0)
-    ema_decay: Optional[Union[Literal["auto"], float]] = Field(0.99,
+    ema_decay: Optional[Union[Literal["auto"], float]] = Field("auto",
         description='EMA of the weights (warm-up ramp) for validation, checkpoint, test; auto: averages\n'
                     'over the last ~10% of the run\'s optimiser steps, off under 50 steps; null: off')
-    checkpoint: Literal["val_auc", "val_loss", "last"] = Field("val_auc",
+    checkpoint: Literal["val_auc", "val_loss", "last"] = Field("last",
         description='weights kept: val_auc (best inner-val AUC, ties by loss) | val_loss | last epoch')
     seed: int = 0
     deterministic: bool = False

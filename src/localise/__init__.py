@@ -1,0 +1,1 @@
+"""Finding the mandibular cortex box on a whole radiograph: the `locate` stage's parts."""

@@ -1,0 +1,102 @@
+"""Training one localiser and predicting centres with one or several (the fold ensemble)."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from src.core.runtime import seed_everything, set_threads
+from src.localise.heatmap import Peak, decode, make_targets
+from src.localise.heatmap import loss as heatmap_loss
+from src.localise.network import STRIDE, Localiser
+from src.localise.overview import augment, to_input
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocaliserSettings:
+    """What one localiser's training takes (the locate stage's params section, once it lands).
+    Defaults are what benchmarks/bench_locate.py measured best within the CPU budget."""
+    model: str = "mobilenetv3_small_100"
+    size: tuple[int, int] = (128, 256)   # overview [h, w]
+    epochs: int = 25
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    sigma: float = 1.0                   # heat-map Gaussian, cells
+    threads: int | None = None
+
+
+def train_localiser(overviews: np.ndarray, centres: np.ndarray, sizes: np.ndarray, cfg, seed: int,
+                    label: str = "localiser", epoch_callback: Callable[[int, dict], None] | None = None) -> Localiser:
+    """Train on `overviews` (N, h, w) uint8 with box centres and sizes (N, 2 each: x, y / w, h in
+    overview pixels) for
+    locate.epochs (AdamW, one-epoch warm-up, cosine to 1%, the last epoch kept: there is no
+    validation part to choose by, and a fixed schedule needs none)."""
+    set_threads(cfg.threads)
+    seed_everything(seed, False)
+    rng = np.random.default_rng(seed)
+    h, w = overviews.shape[1:]
+    model = Localiser(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(overviews) / cfg.batch_size))
+    total, warm = cfg.epochs * steps_per_epoch, steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        started, losses = time.perf_counter(), []
+        order = rng.permutation(len(overviews))
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            if len(idx) < 2:  # BatchNorm needs two images
+                continue
+            views = [augment(overviews[i], tuple(centres[i]), rng) for i in idx]
+            x = to_input(np.stack([v[0] for v in views]))
+            pts = np.array([v[1] for v in views], dtype=np.float32) / STRIDE
+            box = sizes[idx] * np.array([v[2] for v in views], dtype=np.float32)[:, None] / STRIDE
+            loss = heatmap_loss(model(x), make_targets((h // STRIDE, w // STRIDE), pts, box, cfg.sigma))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+        record = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
+                  "images_per_s": len(order) / max(time.perf_counter() - started, 1e-9)}
+        log.info("%s epoch %d/%d: loss %.4f, %.1f img/s", label, epoch, cfg.epochs, record["train_loss"],
+                 record["images_per_s"])
+        if epoch_callback is not None:
+            epoch_callback(epoch, record)
+    return model.eval()
+
+
+@torch.no_grad()
+def predict_maps(models: Sequence[Localiser], overviews: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """(N, 5, h/4, w/4): centre probability, offset and log size, averaged over `models` (the fold
+    ensemble when serving)."""
+    out = []
+    for start in range(0, len(overviews), batch_size):
+        x = to_input(overviews[start:start + batch_size])
+        maps = []
+        for m in models:
+            y = m.eval()(x).float()
+            maps.append(torch.cat([torch.sigmoid(y[:, :1]), y[:, 1:]], dim=1))
+        out.append(torch.stack(maps).mean(0).numpy())
+    h, w = overviews.shape[1:]
+    return np.concatenate(out) if out else np.zeros((0, 5, h // STRIDE, w // STRIDE), dtype=np.float32)
+
+
+def find_centres(models: Sequence[Localiser], overviews: np.ndarray) -> list[tuple[Peak, Peak]]:
+    """Per overview: (best peak, best peak on the other side), in overview pixels."""
+    return [decode(m, STRIDE) for m in predict_maps(models, overviews)]
