@@ -122,8 +122,8 @@ def _fit(params: Params, store: PreparedStore, meta: CheckpointMeta, train_rows:
          seed: int, label: str, device, epoch_callback: EpochCallback | None, ctx: Dist) -> _Fit:
     """The epoch loop; leaves the chosen weights loaded in the returned engine's model.
 
-    With validation rows the best epoch (inner-val AUC, then loss) is chosen and early
-    stopping applies; without them (all-data refit) the last epoch is kept.  Under torchrun
+    With validation rows the epoch train.checkpoint names is kept (the last one, or the best by
+    inner-val AUC or loss, with early stopping); without them (all-data refit) the last epoch.  Under torchrun
     rank 0 validates and the others follow its figures, so every rank stops together.
     """
     cfg = params.train
