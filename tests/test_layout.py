@@ -457,7 +457,7 @@ PACKAGE_MAY_IMPORT = {
     "data": {"core", "artifacts"},
     "evaluation": {"core", "artifacts"},
     "model": {"core", "artifacts", "data", "evaluation"},
-    "localise": {"core", "artifacts", "data"},
+    "localise": {"core", "artifacts", "data", "model"},
     "explain": {"core", "artifacts", "data", "model"},
     "tuning": {"core", "artifacts", "data", "evaluation", "model"},
     "serving": {"core", "artifacts", "data", "evaluation", "model", "explain"},

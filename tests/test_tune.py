@@ -327,7 +327,7 @@ def test_killed_worker_trial_is_retried_not_lost(tmp_path, store):
     run = client.get_run(trials[killed.number].user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and run.data.tags["optuna.state"] == "killed"
     assert not folder.exists()
-    assert "trial %d's worker died" % killed.number in out
+    assert f"trial {killed.number}'s worker died" in out
 
 
 def test_apply_writes_best_params_into_params_file_keeping_comments(tmp_path, store):

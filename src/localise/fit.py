@@ -15,6 +15,7 @@ from src.localise.heatmap import Peak, decode, make_targets
 from src.localise.heatmap import loss as heatmap_loss
 from src.localise.network import STRIDE, Localiser
 from src.localise.overview import augment, to_input
+from src.model.engine import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,7 @@ def train_localiser(overviews: np.ndarray, centres: np.ndarray, sizes: np.ndarra
     model = Localiser(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(overviews) / cfg.batch_size))
-    total, warm = cfg.epochs * steps_per_epoch, steps_per_epoch
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    sched = warmup_cosine(opt, steps_per_epoch, cfg.epochs * steps_per_epoch)
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         started, losses = time.perf_counter(), []

@@ -35,6 +35,20 @@ def build_optimizer(params, cfg: TrainParams) -> torch.optim.Optimizer:
                                momentum=cfg.momentum)
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, warm: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warm` steps, then cosine down to 1% of the LR at step `total`;
+    stepped once per optimiser step (also the localiser's schedule)."""
+    total = max(1, total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 class Schedule:
     """LR schedule behind one interface: `step_batch()` after each optimiser step,
     `step_epoch(val_loss)` after each validation."""
@@ -47,16 +61,7 @@ class Schedule:
             self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience)
         elif self.kind == "cosine":
-            warm = cfg.warmup_epochs * steps_per_epoch
-            total = max(1, cfg.epochs * steps_per_epoch)
-
-            def factor(step: int) -> float:
-                if step < warm:
-                    return (step + 1) / warm
-                progress = min(1.0, (step - warm) / max(1, total - warm))
-                return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-            self.sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            self.sched = warmup_cosine(optimizer, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch)
 
     def step_batch(self) -> None:
         if self.kind == "cosine":
