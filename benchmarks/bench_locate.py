@@ -36,59 +36,34 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from src.artifacts.store import PreparedStore  # noqa: E402
-from src.core.config import load_params  # noqa: E402
+from src.core.config import (
+    LocateParams,  # noqa: E402
+    load_params,  # noqa: E402
+)
 from src.core.fileio import atomic_write_json  # noqa: E402
 from src.core.runtime import set_threads  # noqa: E402
 from src.data.imaging import read_image  # noqa: E402
-from src.localise.fit import LocaliserSettings, find_centres  # noqa: E402
-from src.localise.oof import Annotated, annotated, oof_localise, to_source  # noqa: E402
+from src.localise.fit import find_centres  # noqa: E402
+from src.localise.oof import Annotated, annotated, oof_localise  # noqa: E402
 from src.localise.overview import overview  # noqa: E402
-from src.localise.scores import anatomical_mirror_boxes, mirror_box, score_either  # noqa: E402
+from src.localise.run import annotated_side, score  # noqa: E402
+from src.localise.scores import anatomical_mirror_boxes, fixed_box, mirror_box, summary  # noqa: E402
 from src.synthetic.generator import generate  # noqa: E402
 
 
 def masks_of(folder: Path, files) -> list[np.ndarray]:
-    return [read_image(folder / f) > 0.5 for f in files]
+    return [read_image(folder / Path(f).with_suffix(".png")) > 0.5 for f in files]
 
 
-def figures(name: str, data: Annotated, best, other, anatomical: np.ndarray, mm_per_px: np.ndarray) -> dict:
+def figures(data: Annotated, peaks, anatomical: np.ndarray, mm_per_px: np.ndarray) -> dict:
     """The three scores of one set of peaks (best, other side) against the truth."""
-    scale = data.scale()
-    c_best, s_best = to_source(best, scale)
-    c_other, s_other = to_source(other, scale)
-    # the peak on the annotated half: the best one if it is there, else the other side's
-    drawn_left = (data.boxes[:, 0] + data.boxes[:, 2] / 2) < data.src_hw[:, 1] / 2
-    best_left = c_best[:, 0] < data.src_hw[:, 1] / 2
-    same = drawn_left == best_left
-    c_drawn = np.where(same[:, None], c_best, c_other)
-    s_drawn = np.where(same[:, None], s_best, s_other)
-    out = {}
-    sets = {"annotated_side": score_either(c_drawn, data.boxes, data.boxes, s_drawn, mm_per_px),
-            "either_image_mirror": score_either(c_best, data.boxes, mirror_box(data.boxes, data.src_hw[:, 1]), s_best,
-                                                mm_per_px),
-            "either_anatomical": score_either(c_best, data.boxes, anatomical, s_best, mm_per_px)}
-    for key, s in sets.items():
-        out[key] = {"iou_mean": float(s["iou"].mean()), "hit_rate": float((s["iou"] >= 0.5).mean()),
-                    "centre_error_mm_median": float(np.median(s["error_mm"])),
-                    "centre_error_mm_p90": float(np.percentile(s["error_mm"], 90))}
-    out["confidence_min"] = float(min(p.confidence for p in best))
-    out["confidence_median"] = float(np.median([p.confidence for p in best]))
+    image_mirror = mirror_box(data.boxes, data.src_hw[:, 1])
+    out = {"annotated_side": summary(annotated_side(data, peaks, mm_per_px)),
+           "either_image_mirror": summary(score(data, peaks, image_mirror, mm_per_px)),
+           "either_anatomical": summary(score(data, peaks, anatomical, mm_per_px))}
+    conf = [p[0].confidence for p in peaks]
+    out["confidence_min"], out["confidence_median"] = float(min(conf)), float(np.median(conf))
     return out
-
-
-def fixed_box(data: Annotated, train: np.ndarray, test: np.ndarray, anatomical: np.ndarray, mm_per_px: np.ndarray) -> dict:
-    """The training part's median box (centre folded onto one half, relative to the image size),
-    put on the truth's own side: the most a localiser that ignores the image could score."""
-    rel_c = (data.boxes[:, :2] + data.boxes[:, 2:] / 2) / data.src_hw[:, ::-1]
-    folded = np.column_stack([np.minimum(rel_c[:, 0], 1 - rel_c[:, 0]), rel_c[:, 1]])
-    med_c, med_s = np.median(folded[train], axis=0), np.median((data.boxes[:, 2:] / data.src_hw[:, ::-1])[train], axis=0)
-    left = rel_c[test, 0] < 0.5
-    cx = np.where(left, med_c[0], 1 - med_c[0]) * data.src_hw[test, 1]
-    centres = np.column_stack([cx, np.full(len(test), med_c[1]) * data.src_hw[test, 0]])
-    sizes = med_s * data.src_hw[test][:, ::-1]
-    s = score_either(centres, data.boxes[test], anatomical[test], sizes, mm_per_px[test])
-    return {"iou_mean": float(s["iou"].mean()), "hit_rate": float((s["iou"] >= 0.5).mean()),
-            "centre_error_mm_median": float(np.median(s["error_mm"]))}
 
 
 def shifted_phantom(tmp: Path, params, patients: int) -> tuple[Path, Path]:
@@ -119,16 +94,16 @@ def main() -> int:
         for spec in args.configs:
             model, hw, epochs = spec.split(":")
             h, w = (int(v) for v in hw.split("x"))
-            cfg = LocaliserSettings(model=model, size=(h, w), epochs=int(epochs), threads=args.threads)
+            cfg = LocateParams(model=model, size=(h, w), epochs=int(epochs), threads=args.threads)
             data = annotated(store, data_root, cfg.size)
             anatomical = anatomical_mirror_boxes(data.boxes, masks_of(masks_root, store.manifest["file"]))
             started = time.perf_counter()
             peaks, models = oof_localise(store, data, cfg)
             seconds = time.perf_counter() - started
-            oof = figures("oof", data, [p[0] for p in peaks], [p[1] for p in peaks], anatomical, mm_per_px)
-            base = {k: fixed_box(data, store.indices_not_in_fold(k), store.indices_of_fold(k), anatomical, mm_per_px)
-                    for k in range(store.n_folds)}
-            oof["fixed_box"] = {key: float(np.mean([b[key] for b in base.values()])) for key in next(iter(base.values()))}
+            oof = figures(data, peaks, anatomical, mm_per_px)
+            base = [fixed_box(data.boxes, data.src_hw, store.indices_not_in_fold(k), store.indices_of_fold(k),
+                              anatomical, mm_per_px) for k in range(store.n_folds)]
+            oof["fixed_box"] = summary({key: np.concatenate([b[key] for b in base]) for key in base[0]})
 
             views = np.stack([overview(read_image(shift_root / f), cfg.size) for f in shift["file"]])
             src_hw = np.tile([params.phantom.height, params.phantom.width], (len(shift), 1)).astype(np.float64)
@@ -136,9 +111,9 @@ def main() -> int:
             s_anat = anatomical_mirror_boxes(sdata.boxes, masks_of(shift_masks, shift["file"]))
             s_peaks = find_centres(models, views)
             s_mm = params.phantom.field_width_mm / src_hw[:, 1]
-            shifted = figures("shift", sdata, [p[0] for p in s_peaks], [p[1] for p in s_peaks], s_anat, s_mm)
+            shifted = figures(sdata, s_peaks, s_anat, s_mm)
             every = np.arange(len(shift))
-            shifted["fixed_box"] = fixed_box(sdata, every, every, s_anat, s_mm)
+            shifted["fixed_box"] = summary(fixed_box(sdata.boxes, src_hw, every, every, s_anat, s_mm))
             record = {"model": model, "size": [h, w], "epochs": int(epochs), "seconds_per_fold": seconds / store.n_folds,
                       "threads": args.threads, "oof": oof, "shifted_phantom": shifted}
             results.append(record)

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from src.core.config import PhantomParams
+from src.core.config import LocateParams, PhantomParams
 from src.data.imaging import read_image
-from src.localise.fit import LocaliserSettings, find_centres, train_localiser
+from src.localise.fit import find_centres, train_localiser
 from src.localise.heatmap import decode, loss, make_targets
 from src.localise.network import STRIDE, Localiser
 from src.localise.oof import Annotated, to_source
@@ -91,7 +91,7 @@ def tiny_phantom(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
 
 def test_localiser_learns_the_cortex_better_than_a_fixed_box(tiny_phantom):
     root, manifest = tiny_phantom
-    cfg = LocaliserSettings(size=(128, 256), epochs=25, lr=3e-3, threads=1)
+    cfg = LocateParams(size=(128, 256), epochs=25, lr=3e-3, threads=1)
     data = Annotated(np.stack([overview(read_image(root / f), cfg.size) for f in manifest["file"]]),
                      np.tile([256.0, 512.0], (len(manifest), 1)),
                      manifest[["box_x", "box_y", "box_w", "box_h"]].to_numpy(float))

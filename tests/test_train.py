@@ -364,11 +364,8 @@ def test_three_classes_end_to_end(tmp_path):
 
 def test_the_resume_fingerprint_covers_the_training_code(tmp_path):
     """`dvc repro` after a code change reruns train; finished folds of the old code must not be reused."""
-    from src.model.cross_validation import (
-        TRAINING_PACKAGES,
-        code_fingerprint,
-        fingerprint,
-    )
+    from src.core.code_hash import code_fingerprint
+    from src.model.cross_validation import TRAINING_PACKAGES, fingerprint
 
     root = make_tiny_store(tmp_path / "s", n_per_class=6, folds=2)
     params = tiny_params(tmp_path, root)
@@ -383,7 +380,7 @@ def test_the_resume_fingerprint_covers_the_training_code(tmp_path):
     copy = tmp_path / "src"
     for package in TRAINING_PACKAGES:
         shutil.copytree(src / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
-    assert code_fingerprint(copy) == code_fingerprint()
+    assert code_fingerprint(copy, TRAINING_PACKAGES) == code_fingerprint(packages=TRAINING_PACKAGES)
     engine = copy / "model" / "engine.py"
     engine.write_text(engine.read_text() + "\n# a changed trainer\n")
-    assert code_fingerprint(copy) != code_fingerprint()
+    assert code_fingerprint(copy, TRAINING_PACKAGES) != code_fingerprint(packages=TRAINING_PACKAGES)

@@ -248,6 +248,47 @@ class TrainParams(Section):
         return value
 
 
+# ------------------------------------------------------------------------- locate
+class UnseenPhantomParams(Section):
+    enabled: Union[Literal["auto"], bool] = Field("auto",
+        description="auto: when data.root is the phantom (real data has no second phantom to test on)")
+    seed: int = Field(1, description="never the training phantom's seed")
+    nuisance: float = Field(1.5, ge=0.0, le=3.0, description="more pose, exposure and noise than trained on")
+    patients_per_class: int = Field(30, ge=1)
+
+
+class LocateParams(Section):
+    out: str = Field("localiser", description="fold localisers, oof_boxes.csv, crops from the found boxes, metrics")
+    enabled: Union[Literal["auto"], bool] = Field("auto",
+        description="auto: in crop mode (the store has boxes to learn from); full-mode models need no box")
+    model: str = Field("mobilenetv3_small_100",
+        description="timm backbone with stride-4 features (features_only); the heads are CenterNet's")
+    size: tuple[int, int] = Field((128, 256),
+        description="[height, width] of the overview the whole radiograph is shrunk to")
+    epochs: int = Field(12, ge=1, description="sized for make repro on 2 CPU cores (benchmarks/bench_locate.py)")
+    batch_size: int = Field(8, ge=2)
+    lr: float = Field(2e-3, gt=0.0, le=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    sigma: float = Field(1.0, gt=0.0, description="heat-map Gaussian around the centre, in cells of 4 overview pixels")
+    seed: int = 0
+    threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch; null: all cores")
+    min_confidence: float = Field(0.1, gt=0.0, lt=1.0,
+        description="below this peak probability no cortex was found: an error row, not a crop\n"
+                    "(metrics.json: the lowest held-out radiograph's confidence and non-dental images')")
+    both_sides: bool = Field(False,
+        description="classify a crop on each side of the mandible and average (when the other side's peak\n"
+                    "passes min_confidence); evaluate measures both ways")
+    unseen_phantom: UnseenPhantomParams = Field(default_factory=UnseenPhantomParams,
+        description="a phantom never trained on, scored by the fold ensemble")
+
+    @field_validator("size")
+    @classmethod
+    def _multiple_of_stride(cls, value):
+        if any(v < 32 or v % 16 for v in value):
+            raise ValueError(f"expected [height, width], each a multiple of 16 and at least 32 (got {list(value)})")
+        return value
+
+
 # ----------------------------------------------------------------------- evaluate
 class EvaluateParams(Section):
     out: str = "reports"
@@ -430,6 +471,7 @@ class Params(Section):
     data: DataParams = Field(default_factory=DataParams)
     phantom: PhantomParams = Field(default_factory=PhantomParams)
     prepare: PrepareParams = Field(default_factory=PrepareParams)
+    locate: LocateParams = Field(default_factory=LocateParams)
     train: TrainParams = Field(default_factory=TrainParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     gradcam: GradcamParams = Field(default_factory=GradcamParams)

@@ -40,11 +40,7 @@ def preprocess_image(
     if img.ndim != 2:
         raise DataError(f"preprocess: expected a grey (H, W) image, got shape {img.shape}")
     src_h, src_w = img.shape
-    if p.rolling_ball.enabled:
-        img = subtract_background(img, p.rolling_ball.radius, p.rolling_ball.shrink)
-    if p.clahe.enabled:
-        img = apply_clahe(img, p.clahe.clip_limit, p.clahe.tile_grid)
-
+    img = intensity_steps(img, p)
     info: dict[str, Any] = {"src_height": src_h, "src_width": src_w,
                             "crop_x0": None, "crop_y0": None, "crop_side": None}
     if p.mode == "full":
@@ -53,11 +49,38 @@ def preprocess_image(
     else:
         if box is None:
             raise DataError("crop mode needs a box (x, y, w, h) for every image; none was given")
-        x0, y0, side = crop_geometry((src_h, src_w), box, p.crop.side, p.crop.reference_width)
-        out = resize(square_crop(img, x0, y0, side), (p.crop.size, p.crop.size))
+        out, (x0, y0, side) = crop_around(img, p, box)
         info.update(crop_x0=x0, crop_y0=y0, crop_side=side)
     info["size"] = [int(out.shape[0]), int(out.shape[1])]
     return to_dtype(out, p.dtype), info
+
+
+def intensity_steps(img: np.ndarray, p) -> np.ndarray:
+    """Rolling ball, then CLAHE, on the whole source image (as configured)."""
+    if p.rolling_ball.enabled:
+        img = subtract_background(img, p.rolling_ball.radius, p.rolling_ball.shrink)
+    if p.clahe.enabled:
+        img = apply_clahe(img, p.clahe.clip_limit, p.clahe.tile_grid)
+    return img
+
+
+def preprocess_crops(img: np.ndarray, prep: Mapping[str, Any] | BaseModel, boxes: list[Box]) -> list[np.ndarray]:
+    """The crop-mode arrays of several boxes on one radiograph (both sides of the mandible):
+    what `preprocess_image` gives for each box, with the whole-image steps done once."""
+    p = _settings(prep)
+    if p.mode != "crop":
+        raise DataError(f"preprocess: crops need prepare.mode crop, the settings say {p.mode!r}")
+    img = np.asarray(img, dtype=np.float32)
+    if img.ndim != 2:
+        raise DataError(f"preprocess: expected a grey (H, W) image, got shape {img.shape}")
+    img = intensity_steps(img, p)
+    return [to_dtype(crop_around(img, p, box)[0], p.dtype) for box in boxes]
+
+
+def crop_around(img: np.ndarray, p, box: Box) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """(the square crop around the box centre at prepare.crop.size, its (x0, y0, side))."""
+    x0, y0, side = crop_geometry(img.shape, box, p.crop.side, p.crop.reference_width)
+    return resize(square_crop(img, x0, y0, side), (p.crop.size, p.crop.size)), (x0, y0, side)
 
 
 def _settings(prep):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -56,6 +56,7 @@ HEADLINE = {
     "bal_acc": "oof_balanced_accuracy",
     "brier": "oof_brier",
     "ece": "oof_ece",
+    "chain_auc": "chain_oof_roc_auc",  # crops at the boxes the localiser found (null without locate)
 }
 
 
@@ -158,9 +159,11 @@ def log_to_parent(params: Params, run_id: str, metrics: dict, files: list[Path])
 
 
 # ----------------------------------------------------------------------------- the stage
-def evaluate(params: Params) -> dict:
+def evaluate(params: Params, chain: Callable[..., dict] | None = None) -> dict:
     """Write every output listed in the module docstring; returns metrics.json's contents: the
-    flat metrics plus the provenance register checks (the CV parent run and its checkpoints' hash)."""
+    flat metrics plus the provenance register checks (the CV parent run and its checkpoints' hash).
+    `chain(cv, oof, classes, positive, annotated_auc)` adds the chain_* figures (src.localise.chain:
+    this package may not import the networks)."""
     cfg = params.evaluate
     cv = read_cv(params.train.out)
     # Hashed before the predictions are read: a retrain racing this stage then shows as a
@@ -170,6 +173,8 @@ def evaluate(params: Params) -> dict:
     classes, positive = list(metas[0].classes), metas[0].positive_class
     out = Path(cfg.out)
     metrics, folds, per_class = compute_metrics(oof, classes, positive, cfg)
+    if chain is not None:
+        metrics.update({k: clean(v) for k, v in chain(cv, oof, classes, positive, metrics.get("oof_roc_auc")).items()})
     for line in cv.warnings:  # data too small for the settings, found by train (model.data_checks)
         log.warning("warning: %s", line)
     if cv.warnings:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -15,31 +14,16 @@ from src.localise.heatmap import Peak, decode, make_targets
 from src.localise.heatmap import loss as heatmap_loss
 from src.localise.network import STRIDE, Localiser
 from src.localise.overview import augment, to_input
-from src.model.engine import warmup_cosine
+from src.model.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LocaliserSettings:
-    """What one localiser's training takes (the locate stage's params section, once it lands).
-    Defaults are what benchmarks/bench_locate.py measured best within the CPU budget."""
-    model: str = "mobilenetv3_small_100"
-    size: tuple[int, int] = (128, 256)   # overview [h, w]
-    epochs: int = 25
-    batch_size: int = 8
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    sigma: float = 1.0                   # heat-map Gaussian, cells
-    threads: int | None = None
 
 
 def train_localiser(overviews: np.ndarray, centres: np.ndarray, sizes: np.ndarray, cfg, seed: int,
                     label: str = "localiser", epoch_callback: Callable[[int, dict], None] | None = None) -> Localiser:
     """Train on `overviews` (N, h, w) uint8 with box centres and sizes (N, 2 each: x, y / w, h in
-    overview pixels) for
-    locate.epochs (AdamW, one-epoch warm-up, cosine to 1%, the last epoch kept: there is no
-    validation part to choose by, and a fixed schedule needs none)."""
+    overview pixels), with the locate section `cfg`: AdamW, one-epoch warm-up, cosine to 1%, the
+    last epoch kept (there is no validation part to choose by, and a fixed schedule needs none)."""
     set_threads(cfg.threads)
     seed_everything(seed, False)
     rng = np.random.default_rng(seed)

@@ -20,7 +20,7 @@ from torch import nn
 STRIDE = 4          # heat-map cell = 4 overview pixels
 FEATURES = (1, 2, 3)  # timm feature levels at strides 4, 8, 16
 WIDTH = 32
-CHANNELS = (1, 2, 2)  # heat-map, offset, size
+OUTPUTS = 5         # centre logit | offset x, y | log size w, h
 PRIOR = 0.01        # initial cell probability (CenterNet's bias init: early loss not swamped by background)
 
 
@@ -34,11 +34,14 @@ class Localiser(nn.Module):
             raise ValueError(f"locate.model {backbone}: its first feature level has stride {reductions[0]}, "
                              f"need {STRIDE} (a timm CNN with features_only)")
         self.lateral = nn.ModuleList(nn.Conv2d(c, WIDTH, 1) for c in self.backbone.feature_info.channels())
-        self.heads = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(WIDTH, WIDTH, 3, padding=1, bias=False), nn.BatchNorm2d(WIDTH),
-                          nn.ReLU(inplace=True), nn.Conv2d(WIDTH, n, 1))
-            for n in CHANNELS)
-        nn.init.constant_(self.heads[0][-1].bias, -math.log((1 - PRIOR) / PRIOR))
+        # One 3x3 trunk shared by the three outputs: CenterNet gives each its own, which at stride 4
+        # cost more than the backbone (135 against 99 ms per step of 8 at 128x256 on 2 cores).
+        self.trunk = nn.Sequential(nn.Conv2d(WIDTH, WIDTH, 3, padding=1, bias=False), nn.BatchNorm2d(WIDTH),
+                                   nn.ReLU(inplace=True))
+        self.head = nn.Conv2d(WIDTH, OUTPUTS, 1)
+        with torch.no_grad():
+            self.head.bias.zero_()
+            self.head.bias[0] = -math.log((1 - PRIOR) / PRIOR)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.backbone(x)
@@ -46,4 +49,4 @@ class Localiser(nn.Module):
         for lateral, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
             merged = lateral(f) + F.interpolate(merged, size=f.shape[-2:], mode="bilinear", align_corners=False)
         # channels: centre logit | offset x, y (fraction of a cell) | log box width, height (cells)
-        return torch.cat([head(merged) for head in self.heads], dim=1)
+        return self.head(self.trunk(merged))

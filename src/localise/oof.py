@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from src.artifacts.store import PreparedStore
+from src.core.config import LocateParams
 from src.core.errors import DataError
 from src.data.imaging import read_image
-from src.localise.fit import LocaliserSettings, find_centres, train_localiser
+from src.localise.fit import find_centres, train_localiser
 from src.localise.heatmap import Peak
 from src.localise.network import Localiser
 from src.localise.overview import overview
@@ -56,7 +57,7 @@ def to_source(peaks: list[Peak], scale: np.ndarray) -> tuple[np.ndarray, np.ndar
     return centres, sizes
 
 
-def oof_localise(store: PreparedStore, data: Annotated, cfg: LocaliserSettings, seed: int = 0
+def oof_localise(store: PreparedStore, data: Annotated, cfg: LocateParams, seed: int = 0
                  ) -> tuple[list[tuple[Peak, Peak]], list[Localiser]]:
     """Per image (store order): its (best, other-side) peaks from the fold model that never saw
     it; and the fold models (an ensemble for new radiographs)."""

@@ -67,3 +67,26 @@ def score_either(centres: np.ndarray, boxes: np.ndarray, mirrors: np.ndarray, si
     rows = np.arange(len(pred))
     return {"iou": ious[side, rows], "side": np.where(side == 0, "annotated", "other"),
             "error_px": errors[side, rows], "error_mm": errors[side, rows] * np.asarray(mm_per_px, dtype=np.float64)}
+
+
+def summary(s: dict[str, np.ndarray]) -> dict[str, float]:
+    """score_either's per-image scores -> mean IoU, hit rate (IoU >= 0.5), centre errors."""
+    return {"iou_mean": float(np.mean(s["iou"])), "hit_rate": float(np.mean(s["iou"] >= 0.5)),
+            "centre_error_px_median": float(np.median(s["error_px"])),
+            "centre_error_mm_median": float(np.median(s["error_mm"])),
+            "centre_error_mm_p90": float(np.percentile(s["error_mm"], 90))}
+
+
+def fixed_box(boxes: np.ndarray, src_hw: np.ndarray, train: np.ndarray, test: np.ndarray, mirrors: np.ndarray,
+              mm_per_px: np.ndarray) -> dict[str, np.ndarray]:
+    """The baseline any localiser must beat: the training part's median box (centre folded onto
+    one half, relative to the image size) put on the truth's own side of each test image."""
+    boxes, src_hw = np.asarray(boxes, dtype=np.float64), np.asarray(src_hw, dtype=np.float64)
+    rel_c = (boxes[:, :2] + boxes[:, 2:] / 2) / src_hw[:, ::-1]
+    folded = np.column_stack([np.minimum(rel_c[:, 0], 1 - rel_c[:, 0]), rel_c[:, 1]])
+    med_c = np.median(folded[train], axis=0)
+    med_s = np.median((boxes[:, 2:] / src_hw[:, ::-1])[train], axis=0)
+    left = rel_c[test, 0] < 0.5
+    cx = np.where(left, med_c[0], 1 - med_c[0]) * src_hw[test, 1]
+    centres = np.column_stack([cx, np.full(len(test), med_c[1]) * src_hw[test, 0]])
+    return score_either(centres, boxes[test], mirrors[test], med_s * src_hw[test][:, ::-1], mm_per_px[test])

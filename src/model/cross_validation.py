@@ -41,6 +41,7 @@ from src.artifacts.cv_run import (
 )
 from src.artifacts.store import PreparedStore
 from src.core import tracking
+from src.core.code_hash import code_fingerprint
 from src.core.config import MlflowParams, Params, flatten
 from src.core.errors import BoneHealthError
 from src.core.fileio import atomic_write_json
@@ -127,15 +128,6 @@ def fold_key_params(params: Params) -> dict[str, Any]:
     return {f"train.{k}": flat.get(f"train.{k}") for k in KEY_TRAIN_SETTINGS}
 
 
-def code_fingerprint(root: Path = SRC_ROOT, packages: tuple[str, ...] = TRAINING_PACKAGES) -> str:
-    """sha256 over the source of the packages a fold's numbers depend on (paths and bytes)."""
-    h = hashlib.sha256()
-    for package in packages:
-        for path in sorted((root / package).rglob("*.py")):
-            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
 def fingerprint(params: Params, store: PreparedStore, world: int = 1, device_type: str = "cpu") -> str:
     """What makes finished folds reusable: the training settings, the number of data-parallel
     processes (it changes BatchNorm's batches), on the CPU the number of threads (the same seed
@@ -154,7 +146,7 @@ def fingerprint(params: Params, store: PreparedStore, world: int = 1, device_typ
         "manifest_sha256": store.meta.get("manifest_sha256"),
         "n_images": int(len(store.images)),
         "classes": store.classes,
-        "code": code_fingerprint(),
+        "code": code_fingerprint(SRC_ROOT, TRAINING_PACKAGES),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -21,6 +21,7 @@ from src.core.runtime import amp_dtype, autocast_context
 from src.data.batches import BatchSource, iterate
 from src.model.distributed import Dist, unwrap, wrap
 from src.model.factory import create_model, host_to_device, reset_head, to_input
+from src.model.schedules import warmup_cosine
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -33,20 +34,6 @@ def build_optimizer(params, cfg: TrainParams) -> torch.optim.Optimizer:
         name = "momentum"
     return create_optimizer_v2(list(params), opt=name, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                momentum=cfg.momentum)
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, warm: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over `warm` steps, then cosine down to 1% of the LR at step `total`;
-    stepped once per optimiser step (also the localiser's schedule)."""
-    total = max(1, total)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class Schedule:

@@ -1,0 +1,81 @@
+"""A fold localiser on disk: `localiser.pt` (state dict) + `meta.json` (what it needs to run and
+how it was made).  meta.json is written last, so a folder without it is unfinished.
+
+The same layout travels inside the registered model (artifacts `localiser_<k>`), so the served
+model finds boxes with exactly the networks the locate stage scored.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from src.core.errors import BoneHealthError
+from src.core.fileio import atomic_path, atomic_write_json, read_json_object
+
+WEIGHTS_FILE = "localiser.pt"
+META_FILE = "meta.json"
+
+
+@dataclass
+class LocaliserMeta:
+    model: str                      # timm backbone
+    size: list[int]                 # overview [h, w]
+    min_confidence: float           # below it: no cortex found
+    both_sides: bool = False        # classify a crop on each side and average
+    fold: int | None = None         # the fold it never saw
+    fingerprint: str | None = None  # settings + data + code it was trained with (resume)
+    mlflow_run_id: str | None = None
+    figures: dict[str, Any] = field(default_factory=dict)  # its held-out fold's scores
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str) -> "LocaliserMeta":
+        missing = [k for k in ("model", "size", "min_confidence") if k not in data]
+        if missing:
+            raise BoneHealthError(f"{source}: key(s) {', '.join(missing)} missing (is this a bone-health localiser?)")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def save_localiser(directory: str | Path, state_dict, meta: LocaliserMeta) -> Path:
+    import torch
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        torch.save(dict(state_dict), tmp)
+    atomic_write_json(directory / META_FILE, asdict(meta))
+    return directory
+
+
+def is_localiser(directory: str | Path) -> bool:
+    directory = Path(directory)
+    return (directory / WEIGHTS_FILE).is_file() and (directory / META_FILE).is_file()
+
+
+def read_localiser_meta(directory: str | Path) -> LocaliserMeta:
+    path = Path(directory) / META_FILE
+    return LocaliserMeta.from_dict(read_json_object(path, "localiser meta missing"), str(path))
+
+
+def load_localiser(directory: str | Path):
+    """(network in eval mode, meta) from a localiser folder."""
+    import torch
+
+    from src.localise.network import (
+        Localiser,  # timm and torch: not for readers of meta.json only
+    )
+
+    directory = Path(directory)
+    if not is_localiser(directory):
+        raise BoneHealthError(f"{directory}: not a localiser folder (expected {WEIGHTS_FILE} and {META_FILE}); "
+                              "run `python -m src.locate`")
+    meta = read_localiser_meta(directory)
+    model = Localiser(meta.model)
+    try:
+        state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise BoneHealthError(f"{directory / WEIGHTS_FILE}: cannot load the localiser "
+                              f"({str(exc).splitlines()[0][:200]})") from None
+    return model.eval(), meta

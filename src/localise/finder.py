@@ -1,0 +1,92 @@
+"""Finding the cortex box on one new radiograph with the fold localisers (predict, the served
+model): their heat maps averaged, the best peak and the other side's, in source pixels.
+
+A radiograph on which no cell reaches `min_confidence` (a knee, a chest, a blank frame) has no
+cortex to crop: `NoCortexFound`, which callers turn into an error row instead of a crop taken
+from wherever the arg-max happened to fall.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from src.core.errors import BoneHealthError, DataError
+from src.data.preprocess import Box
+from src.localise.artifact import LocaliserMeta, load_localiser
+from src.localise.fit import find_centres
+from src.localise.heatmap import Peak
+from src.localise.overview import overview
+
+
+class NoCortexFound(DataError):
+    """The localiser found no mandibular cortex on this image."""
+
+
+@dataclass(frozen=True)
+class Located:
+    box: Box                    # x, y, w, h in source pixels: the best peak
+    confidence: float
+    other_box: Box | None       # the other side's peak, when it passes min_confidence
+    other_confidence: float
+
+    def boxes(self, both_sides: bool) -> list[Box]:
+        return [self.box, self.other_box] if both_sides and self.other_box is not None else [self.box]
+
+
+def peak_box(peak: Peak, scale_xy: tuple[float, float]) -> Box:
+    """A peak in overview pixels -> (x, y, w, h) in source pixels."""
+    sx, sy = scale_xy
+    w, h = peak.w / sx, peak.h / sy
+    return (peak.x / sx - w / 2, peak.y / sy - h / 2, w, h)
+
+
+class BoxFinder:
+    """The fold localisers of one locate run, used together (their heat maps averaged)."""
+
+    def __init__(self, directories: Sequence[str | Path]):
+        if not directories:
+            raise BoneHealthError("no localiser folders given")
+        loaded = [load_localiser(d) for d in directories]
+        self.models = [m for m, _ in loaded]
+        self.metas: list[LocaliserMeta] = [meta for _, meta in loaded]
+        first = self.metas[0]
+        for directory, meta in zip(directories[1:], self.metas[1:]):
+            if (meta.model, list(meta.size)) != (first.model, list(first.size)):
+                raise BoneHealthError(f"{directory}: localiser {meta.model} at {meta.size} differs from "
+                                      f"{directories[0]} ({first.model} at {first.size}); expected one locate run")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.metas[0].size[0]), int(self.metas[0].size[1])
+
+    @property
+    def min_confidence(self) -> float:
+        return float(self.metas[0].min_confidence)
+
+    @property
+    def both_sides(self) -> bool:
+        return bool(self.metas[0].both_sides)
+
+    def describe(self) -> str:
+        m = self.metas[0]
+        return (f"{len(self.models)} fold localiser(s), {m.model} on {m.size[0]}x{m.size[1]} overviews, "
+                f"min confidence {m.min_confidence:g}" + (", both sides averaged" if m.both_sides else ""))
+
+    def locate(self, image: np.ndarray) -> Located:
+        """The cortex box on a decoded grey radiograph in [0, 1]; NoCortexFound below min_confidence."""
+        image = np.asarray(image)
+        src_h, src_w = image.shape[:2]
+        h, w = self.size
+        best, other = find_centres(self.models, overview(image, (h, w))[None])[0]
+        if best.confidence < self.min_confidence:
+            raise NoCortexFound(
+                f"no mandibular cortex found: the localiser's best peak has confidence {best.confidence:.3f} "
+                f"(< {self.min_confidence:g}, locate.min_confidence); is this a panoramic radiograph? "
+                "Give its box with --box x,y,w,h or --boxes CSV")
+        scale = (w / src_w, h / src_h)
+        other_ok = other.confidence >= self.min_confidence
+        return Located(box=peak_box(best, scale), confidence=best.confidence,
+                       other_box=peak_box(other, scale) if other_ok else None, other_confidence=other.confidence)
