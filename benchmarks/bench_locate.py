@@ -104,6 +104,13 @@ def main() -> int:
             base = [fixed_box(data.boxes, data.src_hw, store.indices_not_in_fold(k), store.indices_of_fold(k),
                               anatomical, mm_per_px) for k in range(store.n_folds)]
             oof["fixed_box"] = summary({key: np.concatenate([b[key] for b in base]) for key in base[0]})
+            # the same fold models, each image and its mirror averaged (test-time flip)
+            flipped = [None] * len(peaks)
+            for k, m in enumerate(models):
+                test = store.indices_of_fold(k)
+                for i, p in zip(test, find_centres([m], data.overviews[test], flip=True)):
+                    flipped[i] = p
+            oof["flip_test_anatomical"] = figures(data, flipped, anatomical, mm_per_px)["either_anatomical"]
 
             views = np.stack([overview(read_image(shift_root / f), cfg.size) for f in shift["file"]])
             src_hw = np.tile([params.phantom.height, params.phantom.width], (len(shift), 1)).astype(np.float64)
@@ -114,6 +121,8 @@ def main() -> int:
             shifted = figures(sdata, s_peaks, s_anat, s_mm)
             every = np.arange(len(shift))
             shifted["fixed_box"] = summary(fixed_box(sdata.boxes, src_hw, every, every, s_anat, s_mm))
+            shifted["flip_test_anatomical"] = figures(sdata, find_centres(models, views, flip=True), s_anat,
+                                                      s_mm)["either_anatomical"]
             record = {"model": model, "size": [h, w], "epochs": int(epochs), "seconds_per_fold": seconds / store.n_folds,
                       "threads": args.threads, "oof": oof, "shifted_phantom": shifted}
             results.append(record)
@@ -130,7 +139,7 @@ def print_record(r: dict, n: int, n_shift: int) -> None:
     for name, figs, count in (("out-of-fold, default phantom", r["oof"], n),
                               ("fold ensemble, unseen phantom (seed 1, nuisance 1.5)", r["shifted_phantom"], n_shift)):
         print(f"  {name} ({count} images); confidence min {figs['confidence_min']:.2f}, median {figs['confidence_median']:.2f}")
-        for key in ("annotated_side", "either_image_mirror", "either_anatomical", "fixed_box"):
+        for key in ("annotated_side", "either_image_mirror", "either_anatomical", "flip_test_anatomical", "fixed_box"):
             f = figs[key]
             p90 = f" (p90 {f['centre_error_mm_p90']:.2f})" if "centre_error_mm_p90" in f else ""
             print(f"    {key:<22} IoU {f['iou_mean']:.3f}  hit {f['hit_rate']:.3f}  centre error median "

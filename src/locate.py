@@ -24,7 +24,8 @@ from src.core.cli import run_main
 from src.core.config import Params, add_params_args, params_from_args
 from src.core.locks import output_locks
 from src.core.outputs import check_output
-from src.localise.run import HEADLINE, run_locate
+from src.localise.files import HEADLINE
+from src.localise.run import run_locate
 
 
 def check_paths(params: Params) -> None:

@@ -28,6 +28,7 @@ from src.core.config import params_from_dict
 from src.evaluation.report import HEADLINE, compute_metrics, write_plots
 from src.explain.figures import SheetItem, save_contact_sheet
 from src.explain.oof_explain import HEADLINE as CAM_HEADLINE
+from src.localise.files import HEADLINE as LOCATE_HEADLINE
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).with_name("dvc"))
@@ -81,8 +82,9 @@ def test_offline_template_inlines_vega_and_loads_nothing_from_the_network():
 def test_make_exp_keeps_exactly_the_headline_columns():
     keep = make_variable("EXP_KEEP")
     names = re.fullmatch(r"\^\((.*)\)\$", keep).group(1).split("|")
-    # every evaluate headline figure and Grad-CAM's localisation; its chance level shows when it changes
-    assert names == [*HEADLINE, "cam_in"] and "cam_in" in CAM_HEADLINE
+    # every evaluate headline figure, Grad-CAM's localisation (its chance level shows when it
+    # changes) and the cortex localiser's held-out hit rate
+    assert names == [*HEADLINE, "cam_in", "hit"] and "cam_in" in CAM_HEADLINE and "hit" in LOCATE_HEADLINE
 
 
 # ------------------------------------------------------------------ DVC in a temp repo
@@ -100,7 +102,8 @@ def repo(tmp_path_factory) -> tuple[Path, dict]:
     shutil.copy(TEMPLATE, repo / "docs" / "vega")
     cfg = yaml.safe_load((repo / "params.yaml").read_text())
     out = {"train": repo / cfg["train"]["out"], "evaluate": repo / cfg["evaluate"]["out"],
-           "gradcam": repo / cfg["gradcam"]["out"], "folds": int(cfg["prepare"]["folds"])}
+           "gradcam": repo / cfg["gradcam"]["out"], "locate": repo / cfg["locate"]["out"],
+           "folds": int(cfg["prepare"]["folds"])}
 
     for k in range(out["folds"]):  # three epochs per fold, each fold its own curve
         write_fold_history(out["train"] / f"fold_{k}", [
@@ -119,6 +122,10 @@ def repo(tmp_path_factory) -> tuple[Path, dict]:
     write_metrics(out["evaluate"], metrics)
     write_headline(out["evaluate"], metrics, HEADLINE)
 
+    located = {"locate_oof_hit_rate": 0.9541, "locate_oof_iou_mean": 0.7093, "locate_fixed_box_hit_rate": 0.516}
+    write_metrics(out["locate"], located)
+    write_headline(out["locate"], located, LOCATE_HEADLINE)
+
     cam = {"gradcam_energy_inside_all": 0.0512345, "gradcam_area_fraction_all": 0.026, "gradcam_road_all": 0.15}
     write_metrics(out["gradcam"], cam)
     write_headline(out["gradcam"], cam, CAM_HEADLINE)
@@ -130,15 +137,18 @@ def repo(tmp_path_factory) -> tuple[Path, dict]:
 
 
 @needs_dvc
-def test_dvc_metrics_are_the_two_headline_files(repo):
+def test_dvc_metrics_are_the_three_headline_files(repo):
     repo, out = repo
     shown = json.loads(run([DVC, "metrics", "show", "--json"], repo))[""]["data"]
-    rel = {str(p.relative_to(repo)) for p in (out["evaluate"] / "headline.json", out["gradcam"] / "headline.json")}
+    rel = {str(p.relative_to(repo)) for p in (out["evaluate"] / "headline.json", out["gradcam"] / "headline.json",
+                                              out["locate"] / "headline.json")}
     assert set(shown) == rel  # the metrics.json files are outs, not DVC metrics
     evaluate = shown[str((out["evaluate"] / "headline.json").relative_to(repo))]["data"]
     assert evaluate == {short: round(out["metrics"][key], 3) for short, key in HEADLINE.items()}
     assert shown[str((out["gradcam"] / "headline.json").relative_to(repo))]["data"] == {"cam_in": 0.051,
                                                                                        "cam_chance": 0.026}
+    located = shown[str((out["locate"] / "headline.json").relative_to(repo))]["data"]
+    assert located["hit"] == 0.954 and located["unseen_hit"] is None  # every column in every run
 
 
 @needs_dvc

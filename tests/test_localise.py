@@ -115,3 +115,32 @@ def test_localiser_learns_the_cortex_better_than_a_fixed_box(tiny_phantom):
     fixed_error = np.hypot(*(fixed - truth).T)
     # measured here: 2.9 px against 9.5 px; the margin leaves room for another CPU's rounding
     assert np.median(error) < 0.6 * np.median(fixed_error), (np.median(error), np.median(fixed_error))
+
+
+class _BrightPixelDetector(torch.nn.Module):
+    """A perfect localiser of the brightest pixel: its cell's logit high, its exact offset."""
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        out = torch.zeros(n, 5, h // STRIDE, w // STRIDE)
+        out[:, 0] = -9.0
+        for i in range(n):
+            py, px = divmod(int(torch.argmax(x[i, 0])), w)
+            cy, cx = py // STRIDE, px // STRIDE
+            out[i, 0, cy, cx] = 9.0
+            out[i, 1, cy, cx] = (px + 0.5) / STRIDE - cx
+            out[i, 2, cy, cx] = (py + 0.5) / STRIDE - cy
+        return out
+
+
+def test_test_time_flip_maps_the_mirror_back_onto_the_image():
+    from src.localise.fit import find_centres
+
+    views = np.zeros((3, 32, 64), dtype=np.uint8)
+    for i, (y, x) in enumerate([(5, 9), (20, 50), (31, 0)]):
+        views[i, y, x] = 255
+    plain = find_centres([_BrightPixelDetector()], views, flip=False)
+    flipped = find_centres([_BrightPixelDetector()], views, flip=True)
+    for (a, _), (b, _), (y, x) in zip(plain, flipped, [(5, 9), (20, 50), (31, 0)]):
+        assert (a.x, a.y) == pytest.approx((x + 0.5, y + 0.5), abs=1e-4)
+        assert (b.x, b.y) == pytest.approx((a.x, a.y), abs=1e-4)

@@ -119,6 +119,17 @@ def test_a_rerun_reuses_finished_folds_and_a_changed_setting_retrains(located):
     # min_confidence is read at use: no retraining either
     assert locate_stage.main(["--params", path, "--set", "locate.min_confidence=0.5"]) == 0
     assert weights.stat().st_mtime_ns == before[1]
+    # killed while training fold 1: its meta.json (written last) missing, its MLflow run RUNNING
+    (out / FOLDS_DIR / "fold_1" / "meta.json").unlink()
+    parent = next(r for r in fold_runs(params) if "fold" not in r.data.tags)
+    client = MlflowClient()
+    orphan = client.create_run(parent.info.experiment_id, tags={"mlflow.parentRunId": parent.info.run_id,
+                                                                "stage": "locate", "fold": "1"})
+    assert locate_stage.main(["--params", path]) == 0
+    assert weights.stat().st_mtime_ns == before[1]                     # fold 0 reused
+    assert read_localiser_meta(out / FOLDS_DIR / "fold_1").fold == 1    # fold 1 trained again
+    assert client.get_run(orphan.info.run_id).info.status == "KILLED"
+    assert len(fold_runs(params)) == runs_before + 2                    # the orphan and the new fold 1
 
 
 def test_boxfinder_from_the_fold_folders_finds_a_box_on_a_raw_radiograph(located):

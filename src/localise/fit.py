@@ -17,6 +17,7 @@ from src.localise.overview import augment, to_input
 from src.model.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
+FLIP_TEST = False  # average each image's maps with its mirror's (benchmarks/bench_locate.py measures both)
 
 
 def train_localiser(overviews: np.ndarray, centres: np.ndarray, sizes: np.ndarray, cfg, seed: int,
@@ -59,22 +60,31 @@ def train_localiser(overviews: np.ndarray, centres: np.ndarray, sizes: np.ndarra
     return model.eval()
 
 
+def _maps(model: Localiser, x: torch.Tensor, flipped: bool) -> torch.Tensor:
+    """The model's maps of x (probabilities in channel 0); of the mirrored image mirrored back
+    when `flipped`: a centre at offset ox in cell j of the mirror lies at 1 - ox in cell W-1-j."""
+    y = model.eval()(torch.flip(x, dims=[3]) if flipped else x).float()
+    y = torch.cat([torch.sigmoid(y[:, :1]), y[:, 1:]], dim=1)
+    if flipped:
+        y = torch.flip(y, dims=[3])
+        y[:, 1] = 1.0 - y[:, 1]
+    return y
+
+
 @torch.no_grad()
-def predict_maps(models: Sequence[Localiser], overviews: np.ndarray, batch_size: int = 16) -> np.ndarray:
+def predict_maps(models: Sequence[Localiser], overviews: np.ndarray, batch_size: int = 16,
+                 flip: bool = FLIP_TEST) -> np.ndarray:
     """(N, 5, h/4, w/4): centre probability, offset and log size, averaged over `models` (the fold
-    ensemble when serving)."""
+    ensemble when serving) and, with `flip`, over each image and its mirror."""
     out = []
     for start in range(0, len(overviews), batch_size):
         x = to_input(overviews[start:start + batch_size])
-        maps = []
-        for m in models:
-            y = m.eval()(x).float()
-            maps.append(torch.cat([torch.sigmoid(y[:, :1]), y[:, 1:]], dim=1))
+        maps = [_maps(m, x, flipped) for m in models for flipped in ((False, True) if flip else (False,))]
         out.append(torch.stack(maps).mean(0).numpy())
     h, w = overviews.shape[1:]
     return np.concatenate(out) if out else np.zeros((0, 5, h // STRIDE, w // STRIDE), dtype=np.float32)
 
 
-def find_centres(models: Sequence[Localiser], overviews: np.ndarray) -> list[tuple[Peak, Peak]]:
+def find_centres(models: Sequence[Localiser], overviews: np.ndarray, flip: bool = FLIP_TEST) -> list[tuple[Peak, Peak]]:
     """Per overview: (best peak, best peak on the other side), in overview pixels."""
-    return [decode(m, STRIDE) for m in predict_maps(models, overviews)]
+    return [decode(m, STRIDE) for m in predict_maps(models, overviews, flip=flip)]

@@ -35,6 +35,7 @@ from src.localise.artifact import (
     LocaliserMeta,
     is_localiser,
     load_localiser,
+    read_localiser_meta,
     save_localiser,
 )
 from src.localise.examples import plot_examples
@@ -42,6 +43,7 @@ from src.localise.files import (
     CROPS_FILE,
     EXAMPLES_FILE,
     FOLDS_DIR,
+    HEADLINE,
     OOF_FILE,
     STATE_FILE,
 )
@@ -61,9 +63,6 @@ from src.localise.scores import (
 from src.synthetic.generator import generate
 
 log = logging.getLogger(__name__)
-HEADLINE = {"hit": "locate_oof_hit_rate", "iou": "locate_oof_iou_mean", "mm": "locate_oof_centre_error_mm_median",
-            "fixed_hit": "locate_fixed_box_hit_rate", "unseen_hit": "locate_unseen_hit_rate",
-            "unseen_mm": "locate_unseen_centre_error_mm_median"}
 # Settings that change neither the networks nor their scores (min_confidence and both_sides are
 # read at use: changing them must not retrain).
 RUN_ONLY_KEYS = ("out", "threads", "min_confidence", "both_sides", "unseen_phantom", "enabled")
@@ -137,7 +136,7 @@ def fold_models(params: Params, store: PreparedStore, data: Annotated, fp: str, 
     for k in range(store.n_folds):
         train, test = store.indices_not_in_fold(k), store.indices_of_fold(k)
         directory = fold_path(cfg.out, k)
-        if resume and is_localiser(directory) and load_localiser(directory)[1].fingerprint == fp:
+        if resume and is_localiser(directory) and read_localiser_meta(directory).fingerprint == fp:
             model, _ = load_localiser(directory)
             log.info("locate: fold %d reused from %s", k, directory)
         else:
@@ -179,9 +178,10 @@ def parent_run(params: Params, store: PreparedStore, fp: str, resume: bool):
     if resume and state_path.is_file():
         state = read_json_object(state_path, "locate state")
         run_id = state.get("parent_run_id")
-        if state.get("fingerprint") == fp and run_id and \
-                tracking.run_state(MlflowClient(), run_id, params.mlflow) == "active":
+        client = MlflowClient()
+        if state.get("fingerprint") == fp and run_id and tracking.run_state(client, run_id, params.mlflow) == "active":
             log.info("locate: continuing MLflow run %s", run_id)
+            _mark_killed(client, run_id)
             return mlflow.start_run(run_id=run_id)
     h, w = cfg.size
     run = mlflow.start_run(run_name=f"locate_{cfg.model}_{dataset_name(params)}_{h}x{w}_e{cfg.epochs}")
@@ -193,6 +193,15 @@ def parent_run(params: Params, store: PreparedStore, fp: str, resume: bool):
                               "prepare.out": params.prepare.out, "data.name": dataset_name(params)})
     atomic_write_json(state_path, {"fingerprint": fp, "parent_run_id": run.info.run_id})
     return run
+
+
+def _mark_killed(client, parent_id: str) -> None:
+    """Fold runs a killed locate left RUNNING: KILLED, so the UI does not show them as live."""
+    parent = client.get_run(parent_id)
+    for run in client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'"):
+        client.set_terminated(run.info.run_id, "KILLED")
+        log.info("locate: fold run %s of an interrupted locate marked KILLED", run.info.run_id)
 
 
 # ----------------------------------------------------------------------------- outputs
