@@ -1,4 +1,4 @@
-"""Predict new radiographs: `python -m src.predict FILE_OR_FOLDER... [--model URI] [--cam DIR] [--json] [--box x,y,w,h] [--boxes CSV]`.
+"""Predict new radiographs: `python -m src.predict FILE_OR_FOLDER... [--model URI] [--cam DIR] [--json] [--box x,y,w,h] [--boxes CSV] [--no-locate]`.
 
 Uses the same `Ensemble` as the registered pyfunc (src/serving/pyfunc_model.py), so a file predicted
 here gets the probabilities that `mlflow models serve` returns for its bytes.  Each file is
@@ -7,6 +7,11 @@ are still predicted (exit status 1 then, 0 when all succeeded).
 
 --model takes `models:/name@alias` (default: register.name @ register.champion_alias), any
 MLflow model URI, a downloaded model folder, a `train.out` folder or one checkpoint folder.
+
+Crop-mode models: a file's box comes from --boxes, else --box, else the cortex localiser finds
+it (the one a registered model bundles; for a train.out or checkpoint folder, the locate stage's
+{locate.out}/folds/fold_<k>).  The output then says which box was used, whether it was given or
+found, and the localiser's confidence; a file on which it finds no cortex is an error row.
 """
 from __future__ import annotations
 
@@ -43,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="crop box in source pixels for every file (crop-mode models)")
     parser.add_argument("--boxes", default=None, metavar="CSV",
                         help="per-file boxes: columns file,box_x,box_y,box_w,box_h (e.g. data.manifest); wins over --box")
+    parser.add_argument("--no-locate", action="store_true",
+                        help="crop-mode models: never find boxes, every file needs --box or --boxes. By default a "
+                             "file without one gets the box the localiser finds: the one bundled with a registered "
+                             "model, or with a train.out/checkpoint folder {locate.out}/folds/fold_<k> if present")
     add_params_args(parser)
     return parser
 
@@ -55,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     files = expand_inputs(args.inputs, params.data.extensions)
     if not files:
         raise BoneHealthError(f"{', '.join(args.inputs)}: no image files found (extensions {params.data.extensions})")
-    ensemble = load_ensemble(params, args.model)
+    ensemble = load_ensemble(params, args.model, locate=not args.no_locate)
     results = predict_files(ensemble, files, box, boxes)
     if args.cam is not None:
         write_cams(ensemble, results, args.cam, params)
-    frame = results_frame(results, ensemble.classes)
+    frame = results_frame(results, ensemble.classes, crop=ensemble.is_crop)
     if args.json:
         records = json.loads(frame.to_json(orient="records"))
         print(json.dumps(records, indent=2))

@@ -1,5 +1,5 @@
-"""Inputs of the register stage built by hand: tiny fold checkpoints, a CV parent run in a
-tmp SQLite MLflow store, metrics.json, and small radiograph files (PNG, DICOM)."""
+"""Inputs of the register stage built by hand: tiny fold checkpoints, untrained fold localisers,
+a CV parent run in a tmp SQLite MLflow store, metrics.json, and small radiograph files (PNG, DICOM)."""
 from __future__ import annotations
 
 import json
@@ -15,6 +15,11 @@ from src.model.factory import create_model
 
 CLASSES = ["C1", "C3"]
 MODEL = "test_efficientnet"
+LOCALISER = "mobilenetv3_small_100"
+LOCALISER_SIZE = [64, 128]
+# An untrained localiser's peaks sit near its bias prior (~0.01): these thresholds make every
+# radiograph "found" or "not found", deterministically.
+FINDS_ALL, FINDS_NONE = 1e-6, 0.999
 GOOD_METRICS = {
     "oof_roc_auc": 0.81, "oof_roc_auc_ci_low": 0.74, "oof_roc_auc_ci_high": 0.88,
     "oof_sensitivity": 0.78, "oof_specificity": 0.74, "oof_brier": 0.17, "oof_ece": 0.05,
@@ -34,6 +39,7 @@ def make_params(tmp: Path, mode: str = "full", store: Path | None = None, **regi
         "train": {"out": str(tmp / "models"), "model": MODEL},
         "evaluate": {"out": str(tmp / "reports")},
         "gradcam": {"out": str(tmp / "reports" / "gradcam")},
+        "locate": {"out": str(tmp / "localiser")},
         "register": {"out": str(tmp / "reports" / "register"), "example_size": [48, 96], **register},
         "mlflow": {"tracking_uri": f"sqlite:///{store / 'mlflow.db'}",
                    "artifact_root": str(store / "artifacts"), "experiment": "test"},
@@ -74,6 +80,33 @@ def make_checkpoints(params: Params, folds: int = 2, seed: int = 0, store_meta: 
         (d / "test_predictions.csv").write_text("index,file,patient\n0,secret/patient.png,P001\n")
         out.append(d)
     return out
+
+
+def make_localisers(params: Params, folds: int = 2, min_confidence: float = FINDS_ALL,
+                    both_sides: bool = False) -> list[Path]:
+    """`folds` differently initialised, untrained localisers where the locate stage writes them
+    ({locate.out}/folds/fold_<k>), plus a stray file there as locate leaves its state.json."""
+    from src.localise.artifact import LocaliserMeta, save_localiser
+    from src.localise.network import Localiser
+
+    root = Path(params.locate.out) / "folds"
+    out = []
+    for k in range(folds):
+        torch.manual_seed(1000 + k)
+        meta = LocaliserMeta(model=LOCALISER, size=list(LOCALISER_SIZE), min_confidence=min_confidence,
+                             both_sides=both_sides, fold=k)
+        out.append(save_localiser(root / f"fold_{k}", Localiser(LOCALISER).state_dict(), meta))
+        (root / f"fold_{k}" / "history.csv").write_text("epoch,loss\n0,1.0\n")  # must stay out of the model
+    (root / "state.json").write_text("{}")
+    return out
+
+
+def set_localiser_meta(dirs: list[Path], **changes) -> None:
+    """Change the localisers' meta.json in place (min_confidence, both_sides)."""
+    for d in dirs:
+        meta = json.loads((d / "meta.json").read_text())
+        meta.update(changes)
+        (d / "meta.json").write_text(json.dumps(meta))
 
 
 def make_cv_run(params: Params, folds: int = 2) -> str:
@@ -183,3 +216,14 @@ def expected_probs(dirs: list[Path], image: np.ndarray, box=None) -> np.ndarray:
         arr, _ = preprocess_image(image, prep, box)
         probs.append(predict_proba(model, arr[None], meta)[0])
     return np.mean(probs, axis=0)
+
+
+def expected_found(dirs: list[Path], localisers: list[Path], image: np.ndarray):
+    """The reference for a radiograph without a box: the fold localisers' box (both sides when
+    their meta says so), each crop through expected_probs, averaged; returns (probs, Located)."""
+    from src.localise.finder import BoxFinder
+
+    finder = BoxFinder(localisers)
+    located = finder.locate(image)
+    probs = np.mean([expected_probs(dirs, image, box) for box in located.boxes(finder.both_sides)], axis=0)
+    return probs, located

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from registry_helpers import (
     expected_probs,
     make_params,
@@ -21,6 +22,15 @@ from src.data.imaging import read_image
 from src.predict import main as predict_main
 from src.serving.registry import register
 from tests.train_helpers import write_params
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # On a shared 2-core box, 2 intra-op threads make a tiny forward pass ~10-40x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +183,70 @@ def test_inference_preprocessing_matches_the_prepared_store(tmp_path, mode):
         arr = ensemble.prepare_file(path, box_for(path, boxes, None) if mode == "crop" else None)
         assert arr.dtype == store.images.dtype
         np.testing.assert_array_equal(arr, store.images[i], err_msg=row["file"])
+
+
+def test_crop_model_finds_missing_boxes_with_the_locate_stage_localisers(tmp_path, capsys):
+    """A crop-mode train.out folder with {locate.out}/folds beside it: a given box wins, a file
+    without one is cropped where the localisers point (both sides averaged when their meta says
+    so), and a radiograph on which they find no cortex is an error row."""
+    from registry_helpers import (
+        FINDS_NONE,
+        expected_found,
+        make_checkpoints,
+        make_localisers,
+        set_localiser_meta,
+    )
+
+    params = make_params(tmp_path, mode="crop")
+    dirs = make_checkpoints(params)
+    localisers = make_localisers(params)
+    a = write_png(tmp_path / "in" / "a.png", radiograph(96, 160, seed=41))
+    b = write_png(tmp_path / "in" / "b.png", radiograph(100, 170, seed=42))
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("file,box_x,box_y,box_w,box_h\na.png,60,50,20,16\n")
+    argv = [str(a), str(b), "--model", params.train.out, "--boxes", str(boxes),
+            "--params", write_params(params, tmp_path / "params.yaml")]
+
+    assert predict_main(argv + ["--json"]) == 0
+    given, found = json.loads(capsys.readouterr().out)
+    assert given["box_source"] == "given" and given["box_confidence"] is None and given["error"] is None
+    assert [given[k] for k in ("box_x", "box_y", "box_w", "box_h")] == [60, 50, 20, 16]
+    np.testing.assert_allclose([given["prob_C1"], given["prob_C3"]],
+                               expected_probs(dirs, read_image(a), (60, 50, 20, 16)), rtol=1e-5, atol=1e-6)
+    want, located = expected_found(dirs, localisers, read_image(b))
+    assert found["box_source"] == "found" and found["error"] is None
+    np.testing.assert_allclose([found[k] for k in ("box_x", "box_y", "box_w", "box_h")], located.box, rtol=1e-6)
+    assert found["box_confidence"] == pytest.approx(located.confidence, rel=1e-6)
+    np.testing.assert_allclose([found["prob_C1"], found["prob_C3"]], want, rtol=1e-5, atol=1e-6)
+    one_side = want
+
+    assert predict_main(argv) == 0  # the table says where each box came from
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split() == ["file", "predicted", "prob_C1", "prob_C3", "box_x", "box_y", "box_w", "box_h",
+                                "box_source", "box_confidence"]
+    assert lines[2].split()[4:] == ["60.0", "50.0", "20.0", "16.0", "given"]
+    assert lines[3].split()[-2:] == ["found", f"{located.confidence:.3f}"]
+
+    set_localiser_meta(localisers, both_sides=True)
+    cams = tmp_path / "cams"
+    assert predict_main(argv + ["--json", "--cam", str(cams)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    want, located = expected_found(dirs, localisers, read_image(b))
+    assert located.other_box is not None and not np.allclose(want, one_side, atol=1e-4)
+    np.testing.assert_allclose([rows[1]["prob_C1"], rows[1]["prob_C3"]], want, rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in cams.iterdir()) == ["a_cam.png", "b_cam.png"]  # the first crop of b
+
+    set_localiser_meta(localisers, min_confidence=FINDS_NONE)
+    assert predict_main(argv + ["--json"]) == 1
+    out, err = capsys.readouterr()
+    given, missed = json.loads(out)
+    assert given["error"] is None and given["predicted"] is not None  # the other file is still predicted
+    assert missed["error"].startswith("no mandibular cortex found: the localiser's best peak has confidence")
+    assert missed["predicted"] is None and missed["prob_C1"] is None and missed["box_source"] is None
+    assert "1 of 2 file(s) predicted" in err
+
+    assert predict_main(argv + ["--json", "--no-locate"]) == 1
+    assert json.loads(capsys.readouterr().out)[1]["error"].startswith("crop-mode model: this file needs its cortex box")
+    (localisers[1] / "meta.json").unlink()  # a locate run killed half way
+    assert run_main(predict_main, argv) == 2
+    assert "fold_1: unfinished localiser (expected localiser.pt and meta.json)" in capsys.readouterr().err

@@ -9,14 +9,19 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from registry_helpers import (
+    FINDS_NONE,
+    expected_found,
     expected_probs,
+    make_localisers,
     make_params,
     make_pipeline_outputs,
     provenance,
     radiograph,
+    set_localiser_meta,
     write_gradcam_metrics,
     write_metrics,
     write_metrics_file,
@@ -24,6 +29,7 @@ from registry_helpers import (
 )
 
 from src.artifacts.checkpoint import CheckpointMeta
+from src.artifacts.model_ref import checkpoint_dirs, localiser_dirs
 from src.core.errors import BoneHealthError
 from src.core.tracking import configure
 from src.data.imaging import read_image
@@ -32,9 +38,21 @@ from src.serving.promotion import promote, rollback
 from src.serving.registry import TAGGED_METRICS, register, store_info
 from tests.train_helpers import write_params
 
+CROP_OUTPUTS = ["prob_C1", "prob_C3", "predicted", "box_x", "box_y", "box_w", "box_h", "box_source",
+                "box_confidence", "error"]
+
 
 def b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # On a shared 2-core box, 2 intra-op threads make a tiny forward pass ~10-40x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +206,81 @@ def test_crop_mode_model_uses_the_box(tmp_path, store):
     out = model.predict(frame)
     want = expected_probs(dirs, read_image(path), box)
     np.testing.assert_allclose(out.loc[0, ["prob_C1", "prob_C3"]].to_numpy(dtype=float), want, rtol=1e-5, atol=1e-6)
-    with pytest.raises(Exception, match="crop mode needs a box"):
+    assert list(out.columns) == CROP_OUTPUTS
+    assert tuple(out.loc[0, ["box_x", "box_y", "box_w", "box_h"]]) == box and out.loc[0, "box_source"] == "given"
+    assert np.isnan(out.loc[0, "box_confidence"]) and out.loc[0, "error"] is None
+    # No localiser was bundled (locate.out has no folds): a box stays required, and the card says so.
+    with pytest.raises(MlflowException, match="row 0: crop mode needs a box .* bundles no localiser") as info:
         model.predict(pd.DataFrame({"image": [b64(path)]}))
+    assert info.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert "- Crop box: boxes must be given: no localiser is bundled" in card
+    assert MlflowClient().get_model_version("crop-model", result.version).tags["n_localisers"] == "0"
+    assert [c["name"] for c in mlflow.models.get_model_info(result.model_uri).signature.outputs.to_dict()] == CROP_OUTPUTS
+
+
+def test_crop_model_bundles_the_localiser_and_finds_missing_boxes(tmp_path, store):
+    """The locate stage's fold localisers travel as artifacts localiser_<k>; the pyfunc crops
+    where they point when a row has no box, a given box still wins, and a radiograph on which
+    they find no cortex is an error row while the other rows are answered."""
+    params = make_params(tmp_path, mode="crop", store=store, name="located-model")
+    dirs = make_pipeline_outputs(params)
+    localisers = make_localisers(params)
+    write_metrics_file(Path(params.locate.out), {"locate_oof_hit_rate": 0.875, "locate_oof_iou_mean": 0.6})
+    result = register(params)
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=result.model_uri, dst_path=str(tmp_path / "dl")))
+    files = sorted(p.relative_to(local / "artifacts").as_posix() for p in (local / "artifacts").rglob("*") if p.is_file())
+    assert [f for f in files if f.startswith("localiser_")] == [
+        "localiser_0/localiser.pt", "localiser_0/meta.json", "localiser_1/localiser.pt", "localiser_1/meta.json"]
+    assert localiser_dirs(local) == [local / "artifacts" / "localiser_0", local / "artifacts" / "localiser_1"]
+    assert [d.name for d in checkpoint_dirs(local)] == ["fold_0", "fold_1"]  # the readers keep apart
+    example = json.loads((local / "serving_input_example.json").read_text())
+    assert example["dataframe_split"]["columns"] == ["image"]  # the box is optional now
+    card = (Path(params.register.out) / "model_card.md").read_text()
+    assert ("- Crop box: given by the caller, else found by the bundled localiser: 2 fold localiser(s), "
+            "mobilenetv3_small_100 on 64x128 overviews, min confidence 1e-06; held-out hit rate 0.875 from "
+            f"{Path(params.locate.out) / 'metrics.json'}.") in card
+    assert "`box_source` (given or found)" in card
+    assert MlflowClient().get_model_version("located-model", result.version).tags["n_localisers"] == "2"
+
+    model = mlflow.pyfunc.load_model(result.model_uri)
+    a = write_png(tmp_path / "a.png", radiograph(96, 160, seed=7))
+    b = write_png(tmp_path / "b.png", radiograph(110, 150, seed=8))
+    out = model.predict(pd.DataFrame({"image": [b64(a), b64(b)]}))  # no box columns at all
+    assert list(out.columns) == CROP_OUTPUTS
+    for i, path in enumerate((a, b)):
+        want, located = expected_found(dirs, localisers, read_image(path))
+        np.testing.assert_allclose(out.loc[i, ["prob_C1", "prob_C3"]].to_numpy(dtype=float), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out.loc[i, ["box_x", "box_y", "box_w", "box_h"]].to_numpy(dtype=float), located.box)
+        assert out.loc[i, "box_source"] == "found" and out.loc[i, "error"] is None
+        assert out.loc[i, "box_confidence"] == pytest.approx(located.confidence, rel=1e-6)
+
+    box = (60.0, 50.0, 20.0, 16.0)
+    mixed = pd.DataFrame({"image": [b64(a), b64(b)], "box_x": [box[0], None], "box_y": [box[1], None],
+                          "box_w": [box[2], None], "box_h": [box[3], None]})
+    out = model.predict(mixed)
+    assert list(out["box_source"]) == ["given", "found"]
+    np.testing.assert_allclose(out.loc[0, ["prob_C1", "prob_C3"]].to_numpy(dtype=float),
+                               expected_probs(dirs, read_image(a), box), rtol=1e-5, atol=1e-6)
+
+    # The same model with a localiser that trusts no peak: row 1 (no box) cannot be cropped.
+    set_localiser_meta(localiser_dirs(local), min_confidence=FINDS_NONE)
+    out = mlflow.pyfunc.load_model(str(local)).predict(mixed)
+    assert out.loc[0, "error"] is None and out.loc[0, "predicted"] in ("C1", "C3") and out.loc[0, "box_source"] == "given"
+    assert out.loc[1, "error"].startswith("no mandibular cortex found: the localiser's best peak has confidence")
+    assert "\n" not in out.loc[1, "error"]
+    assert out.loc[1, ["prob_C1", "prob_C3", "box_x", "box_confidence"]].isna().all()
+    assert out.loc[1, "predicted"] is None and out.loc[1, "box_source"] is None
+
+
+def test_register_refuses_an_unfinished_localiser(tmp_path, store):
+    params = make_params(tmp_path, mode="crop", store=store, name="half-located")
+    make_pipeline_outputs(params)
+    localisers = make_localisers(params)
+    (localisers[1] / "localiser.pt").unlink()
+    with pytest.raises(BoneHealthError, match=r"folds/fold_1: unfinished localiser \(expected localiser\.pt and "
+                                              r"meta\.json\); finish it with `python -m src\.locate`"):
+        register(params)
 
 
 def test_register_input_errors_are_one_line(tmp_path, store):
@@ -210,8 +301,6 @@ def test_register_input_errors_are_one_line(tmp_path, store):
 
 def test_refit_registers_one_model_trained_on_all_data(tmp_path, store):
     from train_helpers import make_tiny_store
-
-    from src.artifacts.model_ref import checkpoint_dirs
 
     params = make_params(tmp_path, store=store, name="refit-model")
     params.train.batch_size = 8

@@ -1,5 +1,8 @@
 """The real `mlflow models serve` answers POST /invocations like `python -m src.predict`.
 
+The served model is the hardest case: crop mode with the locate stage's localisers bundled, so
+one request holds a row with its box and a row without (cropped where the localiser points);
+full mode's answer is a subset of those columns (tests/test_register.py checks it in-process).
 The server runs in its own process group, from a folder outside the checkout (the model
 must carry its own code), and the whole group is killed and checked gone at the end.
 """
@@ -7,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from registry_helpers import (
+    make_localisers,
     make_params,
     make_pipeline_outputs,
     radiograph,
@@ -37,8 +42,9 @@ def log_tail(log: Path) -> str:
 
 @pytest.mark.slow
 def test_served_model_answers_like_predict(tmp_path):
-    params = make_params(tmp_path)
+    params = make_params(tmp_path, mode="crop")
     make_pipeline_outputs(params)
+    make_localisers(params)
     register(params)
     png = write_png(tmp_path / "in" / "r.png", radiograph(96, 160, seed=21))
     dcm = write_dicom(tmp_path / "in" / "r.dcm", radiograph(90, 150, seed=22).astype(np.uint16) * 257)
@@ -65,9 +71,10 @@ def test_served_model_answers_like_predict(tmp_path):
             wait_http(f"{url}/ping", STARTUP_S, proc)
         except (RuntimeError, TimeoutError) as exc:
             pytest.fail(f"{exc}; server log:\n{log_tail(log)}")
-        body = {"dataframe_split": {"columns": ["image"], "data": [
-            [base64.b64encode(png.read_bytes()).decode("ascii")],
-            [base64.b64encode(dcm.read_bytes()).decode("ascii")]]}}
+        box = [60.0, 50.0, 20.0, 16.0]
+        body = {"dataframe_split": {"columns": ["image", "box_x", "box_y", "box_w", "box_h"], "data": [
+            [base64.b64encode(png.read_bytes()).decode("ascii"), *box],
+            [base64.b64encode(dcm.read_bytes()).decode("ascii"), None, None, None, None]]}}
         req = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
         with urllib.request.urlopen(req, timeout=60) as resp:
@@ -87,9 +94,14 @@ def test_served_model_answers_like_predict(tmp_path):
     with pytest.raises(ProcessLookupError):
         os.killpg(pgid, 0)  # no process of the server's group is left
 
-    local = predict_files(load_ensemble(params, "models:/bone-health@challenger"), [png, dcm])
+    local = predict_files(load_ensemble(params, "models:/bone-health@challenger"), [png, dcm],
+                          boxes={png.as_posix(): tuple(box)})
     assert len(answer) == 2
+    assert [served["box_source"] for served in answer] == [mine.box.source for mine in local] == ["given", "found"]
+    assert math.isnan(answer[0]["box_confidence"])  # the scoring server writes NaN as is (json.loads reads it)
+    assert answer[1]["box_confidence"] == pytest.approx(local[1].box.confidence, rel=1e-5)
     for served, mine in zip(answer, local):
-        assert served["predicted"] == mine.predicted
+        assert served["predicted"] == mine.predicted and served["error"] is None
+        np.testing.assert_allclose([served[c] for c in ("box_x", "box_y", "box_w", "box_h")], mine.box.box, rtol=1e-6)
         np.testing.assert_allclose([served["prob_C1"], served["prob_C3"]],
                                    [mine.probs["C1"], mine.probs["C3"]], rtol=1e-5, atol=1e-6)

@@ -2,11 +2,13 @@
 `runs:/...`), a downloaded MLflow model folder, a `train.out` folder, or one checkpoint folder.
 
 A registered model carries its fold checkpoints as pyfunc artifacts named CHECKPOINT_PREFIX +
-fold (`fold_0` .. `fold_{K-1}`, or `fold_refit`); this module is the one reader of that layout
-(register writes it), for predict --cam and Grad-CAM's single-image mode.
+fold (`fold_0` .. `fold_{K-1}`, or `fold_refit`), and a crop-mode model the locate stage's fold
+localisers as LOCALISER_PREFIX + fold (`localiser_0` ..); this module is the one reader of that
+layout (register writes it), for predict and Grad-CAM's single-image mode.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -18,17 +20,43 @@ from src.core.errors import BoneHealthError
 
 # Artifact keys are the fold folders' names: fold_0..fold_{K-1}, or fold_refit.
 CHECKPOINT_PREFIX = FOLD_PREFIX
+# The localisers' keys: a prefix that CHECKPOINT_PREFIX does not match, so neither reader picks
+# up the other's folders.
+LOCALISER_PREFIX = "localiser_"
+
+
+def _sorted_keys(keys: Iterable[str], prefix: str) -> list[str]:
+    chosen = [k for k in keys if k.startswith(prefix)]
+    suffix = lambda k: k[len(prefix):]  # noqa: E731
+    return sorted(chosen, key=lambda k: (not suffix(k).isdigit(), int(suffix(k)) if suffix(k).isdigit() else 0, k))
 
 
 def sorted_checkpoint_keys(keys: Iterable[str]) -> list[str]:
     """fold_0, fold_1, ..., fold_10 in numeric order (then any non-numeric, e.g. fold_refit)."""
-    chosen = [k for k in keys if k.startswith(CHECKPOINT_PREFIX)]
-    suffix = lambda k: k[len(CHECKPOINT_PREFIX):]  # noqa: E731
-    return sorted(chosen, key=lambda k: (not suffix(k).isdigit(), int(suffix(k)) if suffix(k).isdigit() else 0, k))
+    return _sorted_keys(keys, CHECKPOINT_PREFIX)
+
+
+def sorted_localiser_keys(keys: Iterable[str]) -> list[str]:
+    """localiser_0, localiser_1, ... in numeric order."""
+    return _sorted_keys(keys, LOCALISER_PREFIX)
+
+
+@dataclass(frozen=True)
+class ModelFolders:
+    checkpoints: list[Path]
+    # The localisers a registered model bundles ([] for none); None when the reference is no
+    # MLflow model (a train.out or checkpoint folder), so the caller decides where to look.
+    localisers: list[Path] | None
 
 
 def checkpoint_dirs(model: str | Path, dst: str | Path | None = None) -> list[Path]:
-    """Checkpoint folders behind a model reference, for predict --cam and Grad-CAM's single image.
+    """Checkpoint folders behind a model reference, for predict --cam and Grad-CAM's single image
+    (see `model_folders`)."""
+    return model_folders(model, dst).checkpoints
+
+
+def model_folders(model: str | Path, dst: str | Path | None = None) -> ModelFolders:
+    """Checkpoint (and bundled localiser) folders behind a model reference.
 
     `model` may be a `models:/name@alias` (or any MLflow model URI: runs:/, models:/name/3, a
     logged-model id), a downloaded MLflow model folder (with MLmodel), a `train.out` folder with
@@ -37,7 +65,7 @@ def checkpoint_dirs(model: str | Path, dst: str | Path | None = None) -> list[Pa
     """
     path = Path(str(model))
     if path.exists():
-        return _local_checkpoint_dirs(path)
+        return _local_folders(path)
     text = str(model)
     if "://" not in text and not text.startswith(("models:", "runs:", "m-")):
         raise BoneHealthError(
@@ -52,7 +80,7 @@ def checkpoint_dirs(model: str | Path, dst: str | Path | None = None) -> list[Pa
         hint = _alias_hint(text)
         raise BoneHealthError(hint or f"--model {text!r}: cannot load from MLflow ({exc.message.splitlines()[0]})") \
             from None
-    return _local_checkpoint_dirs(Path(local))
+    return _local_folders(Path(local))
 
 
 def _alias_hint(uri: str) -> str | None:
@@ -75,25 +103,38 @@ def _alias_hint(uri: str) -> str | None:
             f"with `python -m src.promote`, or pick one: --model models:/{name}@<alias> or models:/{name}/<version>")
 
 
-def _local_checkpoint_dirs(path: Path) -> list[Path]:
+def _local_folders(path: Path) -> ModelFolders:
     if path.is_file():
         path = path.parent
     if (path / "MLmodel").is_file():
-        return _mlmodel_checkpoint_dirs(path)
+        return ModelFolders(_mlmodel_checkpoint_dirs(path), localiser_dirs(path))
     if (path / META_FILE).is_file():
-        return [path]
+        return ModelFolders([path], None)
     folds = {p.name: p for p in path.glob(f"{CHECKPOINT_PREFIX}*") if (p / META_FILE).is_file()}
     if folds:
-        return [folds[k] for k in sorted_checkpoint_keys(folds)]
+        return ModelFolders([folds[k] for k in sorted_checkpoint_keys(folds)], None)
     raise BoneHealthError(
         f"{path}: no checkpoints found (expected MLmodel, meta.json, or fold_<k>/meta.json folders)"
     )
 
 
-def _mlmodel_checkpoint_dirs(path: Path) -> list[Path]:
+def _mlmodel_artifacts(path: Path) -> dict:
     conf = yaml.safe_load((path / "MLmodel").read_text()) or {}
-    artifacts = (conf.get("flavors", {}).get("python_function", {}) or {}).get("artifacts") or {}
+    return (conf.get("flavors", {}).get("python_function", {}) or {}).get("artifacts") or {}
+
+
+def _mlmodel_checkpoint_dirs(path: Path) -> list[Path]:
+    artifacts = _mlmodel_artifacts(path)
     keys = sorted_checkpoint_keys(artifacts)
     if not keys:
         raise BoneHealthError(f"{path}/MLmodel: not a bone-health model (no {CHECKPOINT_PREFIX}<k> artifacts)")
     return [path / artifacts[k]["path"] for k in keys]
+
+
+def localiser_dirs(model_folder: str | Path) -> list[Path]:
+    """The localiser folders a downloaded MLflow model bundles (artifacts localiser_<k>); [] for none."""
+    path = Path(model_folder)
+    if not (path / "MLmodel").is_file():
+        raise BoneHealthError(f"{path}: no MLmodel file; expected a downloaded MLflow model folder")
+    artifacts = _mlmodel_artifacts(path)
+    return [path / artifacts[k]["path"] for k in sorted_localiser_keys(artifacts)]

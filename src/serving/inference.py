@@ -2,8 +2,12 @@
 
 Uses the same `Ensemble` as the registered pyfunc (src/serving/pyfunc_model.py), so a file
 predicted here gets the probabilities that `mlflow models serve` returns for its bytes.  Each
-file is decoded and preprocessed on its own: an unreadable one becomes an error row and the
-others are still predicted.
+file is decoded and preprocessed on its own: an unreadable one, or one on which the localiser
+finds no cortex, becomes an error row and the others are still predicted.
+
+A crop-mode model takes each file's box from --boxes/--box, else finds it with the localisers
+the registered model bundles, or, for a local train.out or checkpoint folder, with the locate
+stage's `{locate.out}/folds/fold_<k>`.
 """
 from __future__ import annotations
 
@@ -15,18 +19,29 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from src.artifacts.model_ref import checkpoint_dirs
+from src.artifacts.model_ref import model_folders
 from src.core.config import Params
 from src.core.errors import BoneHealthError
 from src.core.text_table import text_table
 from src.core.tracking import configure
+from src.data.imaging import read_image
 from src.data.preprocess import Box
 from src.explain.cam import explain_ensemble
 from src.explain.figures import save_overlay
-from src.serving.pyfunc_model import BOX_COLUMNS, Ensemble, parse_box, prob_column
+from src.serving.localisers import fold_localiser_dirs
+from src.serving.pyfunc_model import (
+    BOX_COLUMNS,
+    BOX_CONFIDENCE_COLUMN,
+    BOX_SOURCE_COLUMN,
+    ERROR_COLUMN,
+    BoxChoice,
+    Ensemble,
+    Prepared,
+    parse_box,
+    prob_column,
+)
 
 FILE_COLUMN = "file"
-ERROR_COLUMN = "error"
 
 
 @dataclass
@@ -36,11 +51,16 @@ class Prediction:
     predicted: str | None = None
     error: str | None = None
     cam: str | None = None
+    box: BoxChoice | None = None  # crop mode: the box the (first) crop was centred on
     array: np.ndarray | None = field(default=None, repr=False, compare=False)  # prepared input, for --cam
 
     def row(self) -> dict[str, Any]:
         out: dict[str, Any] = {FILE_COLUMN: self.file, "predicted": self.predicted}
         out.update({prob_column(c): p for c, p in self.probs.items()})
+        if self.box is not None:
+            out.update(zip(BOX_COLUMNS, self.box.box))
+            out[BOX_SOURCE_COLUMN] = self.box.source
+            out[BOX_CONFIDENCE_COLUMN] = self.box.confidence
         if self.cam:
             out["cam"] = self.cam
         out[ERROR_COLUMN] = self.error
@@ -67,14 +87,23 @@ def expand_inputs(paths: Iterable[str | Path], extensions: Iterable[str]) -> lis
     return out
 
 
-def load_ensemble(params: Params, model: str | None = None) -> Ensemble:
-    """Checkpoints behind `model` loaded into memory (a downloaded copy is removed afterwards)."""
+def load_ensemble(params: Params, model: str | None = None, locate: bool = True) -> Ensemble:
+    """Checkpoints behind `model` loaded into memory (a downloaded copy is removed afterwards),
+    with the localisers that find crop boxes: those a registered model bundles, else (a local
+    train.out or checkpoint folder) the locate stage's; none with `locate=False`."""
     ref = model or default_model(params)
     if not Path(ref).exists():
         configure(params.mlflow)
     with tempfile.TemporaryDirectory(prefix="predict-model-") as tmp:
-        dirs = checkpoint_dirs(ref, dst=tmp)
-        return Ensemble(dirs, batch_size=params.register.batch_size, max_pixels=params.data.max_pixels)
+        folders = model_folders(ref, dst=tmp)
+        ensemble = Ensemble(folders.checkpoints, batch_size=params.register.batch_size,
+                            max_pixels=params.data.max_pixels, localiser_dirs=folders.localisers if locate else None)
+        # A registered model answers with its own localisers only (folders.localisers is [] when
+        # it bundles none): a locate.out here may come from another run than the one it was
+        # registered with.  Full-mode models never look, so a half-written locate.out cannot stop them.
+        if locate and folders.localisers is None and ensemble.is_crop:
+            ensemble.use_localisers(fold_localiser_dirs(params.locate.out))
+        return ensemble
 
 
 def read_boxes(path: str | Path) -> dict[str, Box]:
@@ -111,31 +140,33 @@ def box_for(file: Path, boxes: dict[str, Box], default: Box | None) -> Box | Non
 
 def predict_files(ensemble: Ensemble, files: list[Path], box: Box | None = None,
                   boxes: dict[str, Box] | None = None) -> list[Prediction]:
-    """One Prediction per file, in order; decode/preprocess failures become error rows."""
+    """One Prediction per file, in order; decode/preprocess failures and radiographs on which
+    the localiser finds no cortex become error rows."""
     results = [Prediction(file=str(f)) for f in files]
-    arrays: list[np.ndarray] = []
+    ready: list[Prepared] = []
     ok: list[int] = []
-    crop = ensemble.preprocessing.get("mode") == "crop"
     for i, path in enumerate(files):
         file_box = box_for(path, boxes or {}, box)
-        if crop and file_box is None:
+        if ensemble.is_crop and file_box is None and ensemble.finder is None:
             results[i].error = ("crop-mode model: this file needs its cortex box "
-                                "(--box x,y,w,h, or --boxes CSV with file,box_x,box_y,box_w,box_h)")
+                                "(--box x,y,w,h, or --boxes CSV with file,box_x,box_y,box_w,box_h); "
+                                "no localiser to find it (--no-locate, a registered model that bundles none, "
+                                "or no {locate.out}/folds/fold_<k> beside a train.out folder)")
             continue
         try:
-            arrays.append(ensemble.prepare_file(path, file_box))
+            ready.append(ensemble.prepare_input(read_image(path, ensemble.max_pixels), file_box, str(path)))
             ok.append(i)
-        except BoneHealthError as exc:
+        except BoneHealthError as exc:  # NoCortexFound included
             results[i].error = _one_line(exc, path)
         except (OSError, ValueError, MemoryError) as exc:  # decoders' own surprises: still per file
             results[i].error = f"{type(exc).__name__}: {exc}"
-    probs = ensemble.predict_prepared(arrays)
+    probs = ensemble.predict_inputs(ready)
     classes = ensemble.classes
-    for i, p in zip(ok, probs):
+    for i, item, p in zip(ok, ready, probs):
         results[i].probs = {c: float(v) for c, v in zip(classes, p)}
         results[i].predicted = classes[int(np.argmax(p))]
-    for i, arr in zip(ok, arrays):
-        results[i].array = arr
+        results[i].box = item.box
+        results[i].array = item.arrays[0]  # --cam explains the first crop (the best peak's)
     return results
 
 
@@ -181,8 +212,11 @@ def _unique(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def results_frame(results: list[Prediction], classes: list[str]) -> pd.DataFrame:
+def results_frame(results: list[Prediction], classes: list[str], crop: bool = False) -> pd.DataFrame:
+    """One row per file; `crop` (a crop-mode model) adds the box columns, its source and confidence."""
     columns = [FILE_COLUMN, "predicted", *[prob_column(c) for c in classes]]
+    if crop:
+        columns += [*BOX_COLUMNS, BOX_SOURCE_COLUMN, BOX_CONFIDENCE_COLUMN]
     if any(r.cam for r in results):
         columns.append("cam")
     columns.append(ERROR_COLUMN)
@@ -193,6 +227,17 @@ def format_table(frame: pd.DataFrame) -> str:
     shown = frame.astype(object).where(frame.notna(), None)
     if shown[ERROR_COLUMN].isna().all():
         shown = shown.drop(columns=[ERROR_COLUMN])
-    rows = [[f"{v:.4f}" if col.startswith("prob_") and v is not None else v for col, v in zip(shown.columns, row)]
-            for row in shown.itertuples(index=False, name=None)]
+    rows = [[_cell(col, v) for col, v in zip(shown.columns, row)] for row in shown.itertuples(index=False, name=None)]
     return text_table(list(shown.columns), rows)
+
+
+def _cell(column: str, value: Any) -> Any:
+    if value is None:
+        return value
+    if column.startswith("prob_"):
+        return f"{value:.4f}"
+    if column in BOX_COLUMNS:
+        return f"{value:.1f}"
+    if column == BOX_CONFIDENCE_COLUMN:
+        return f"{value:.3f}"
+    return value

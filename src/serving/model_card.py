@@ -34,12 +34,23 @@ LIMITATIONS = [
     "card show; the operating threshold was not tuned for a clinical prevalence.",
     "Raw images must be preprocessed exactly as in training (same mode, size, crop box convention, "
     "rolling ball / CLAHE); the registered model does this itself, so feed it the original files.",
-    "Crop-mode models need a box around the annotated region (the mandibular cortex in the lab's data; source "
-    "pixels) with every image; the square crop is centred on it exactly as in training, so a misplaced box "
-    "misleads the model.",
+    "Crop-mode models classify a square crop centred on a box around the annotated region (the mandibular cortex "
+    "in the lab's data; source pixels), exactly as in training: given with the image, or found by the bundled "
+    "localiser when there is one (see Inputs and outputs). A misplaced box misleads the model.",
     "Grad-CAM maps show where the network looked, not why; they are a plausibility check, not an explanation "
     "a clinician can rely on.",
 ]
+
+
+def crop_box_line(finder: str | None, hit_rate: float | None, metrics_file: str) -> str:
+    """How a crop-mode model gets its box: `finder` is BoxFinder.describe() of the bundled
+    localiser (None: none bundled), `hit_rate` its held-out hit rate from `metrics_file`."""
+    if finder is None:
+        return ("boxes must be given: no localiser is bundled (the locate stage had written none), so every image "
+                "needs box_x, box_y, box_w, box_h")
+    rate = (f"held-out hit rate {hit_rate:.3f} from {metrics_file}" if _finite(hit_rate)
+            else f"held-out hit rate not available ({metrics_file} has no locate_oof_hit_rate)")
+    return f"given by the caller, else found by the bundled localiser: {finder}; {rate}"
 
 
 def _finite(value: Any) -> bool:
@@ -91,9 +102,10 @@ def wording(data: dict[str, Any], classes: list[str], positive: str | None) -> d
 def build_metadata(*, name: str, version: str | None, strategy: str, meta: CheckpointMeta,
                    n_models: int, cv_metrics: dict[str, Any], gradcam_metrics: dict[str, Any] | None,
                    data: dict[str, Any], provenance: dict[str, Any], versions: dict[str, str],
-                   data_warnings: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+                   data_warnings: list[str] | tuple[str, ...] = (), crop_box: str | None = None) -> dict[str, Any]:
     """The card as a MONAI-bundle-like metadata dict; `data_warnings` (cv.json: data too small
-    for the settings, model.data_checks) join the limitations."""
+    for the settings, model.data_checks) join the limitations; `crop_box` (crop mode,
+    `crop_box_line`) says where the crop box comes from."""
     classes = list(meta.classes)
     prep = meta.prepare_settings
     input_size = meta.input_size
@@ -117,6 +129,7 @@ def build_metadata(*, name: str, version: str | None, strategy: str, meta: Check
         "label_classes": {str(i): c for i, c in enumerate(classes)},
         "pred_classes": f"{len(classes)} probabilities summing to 1, in the order {classes}",
         "positive_class": meta.positive_class,
+        "crop_box": crop_box,
         "eval_metrics": {k: v for k, v in cv_metrics.items() if _finite(v)},
         "explainability_metrics": {k: v for k, v in (gradcam_metrics or {}).items() if _finite(v)},
         "network_data_format": {
@@ -182,7 +195,14 @@ def render_markdown(md: dict[str, Any]) -> str:
         f"rolling ball {_switch(fmt_in['preprocessing'].get('rolling_ball'), 'radius')}, "
         f"CLAHE {_switch(fmt_in['preprocessing'].get('clahe'), 'clip_limit')}, stored as {fmt_in['preprocessing'].get('dtype')}; "
         f"network input {fmt_in['spatial_shape']} x {fmt_in['num_channels']} channel(s), normalization {fmt_in['normalization']}.",
-        f"- Output: {md['pred_classes']} as `prob_<class>` columns, plus `predicted` (the most probable class).",
+        f"- Output: {md['pred_classes']} as `prob_<class>` columns, plus `predicted` (the most probable class)"
+        + (("; then the box used (`box_x, box_y, box_w, box_h`), `box_source` (given or found), `box_confidence` "
+            "(the localiser's; empty for a given box) and `error` (why no cortex was found: that row has no "
+            "probabilities).") if md.get("crop_box") else "."),
+    ]
+    if md.get("crop_box"):
+        lines.append(f"- Crop box: {md['crop_box']}.")
+    lines += [
         "",
         "## Data and provenance",
         "",

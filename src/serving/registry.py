@@ -2,7 +2,8 @@
 
 The version is an MLflow pyfunc (src/serving/pyfunc_model.py) that carries the fold
 checkpoints as plain artifacts (state_dict + meta.json, so Grad-CAM can still hook the
-network) and the `src` package as code, so `mlflow models serve` and
+network), for a crop-mode model the locate stage's fold localisers (which find the crop box
+when the caller gives none), and the `src` package as code, so `mlflow models serve` and
 `mlflow.pyfunc.load_model` need no checkout.  It is logged in a "register" run nested under
 the CV parent run, with the CV metrics, the params and the model card; the version itself
 carries the tags that the promotion gate reads (`metric.<name>`), so promote never needs the
@@ -47,7 +48,7 @@ from src.artifacts.metrics_file import (
     numeric,
     read_metrics,
 )
-from src.artifacts.model_ref import CHECKPOINT_PREFIX
+from src.artifacts.model_ref import CHECKPOINT_PREFIX, LOCALISER_PREFIX
 from src.artifacts.source_data import is_within
 from src.artifacts.store import MANIFEST_FILE, PreparedStore
 from src.artifacts.store import META_FILE as STORE_META_FILE
@@ -62,11 +63,18 @@ from src.core.fileio import (
 from src.core.redact import redact_params
 from src.core.tracking import git_commit, log_params_flat, mlflow_metrics
 from src.data.dataset import dataset_name
+from src.localise.artifact import META_FILE as LOCALISER_META_FILE
+from src.localise.artifact import WEIGHTS_FILE as LOCALISER_WEIGHTS_FILE
+from src.localise.finder import BoxFinder
 from src.model.fit import train_all
-from src.serving.model_card import build_metadata, render_markdown
+from src.serving.localisers import fold_localiser_dirs, fold_suffix
+from src.serving.model_card import build_metadata, crop_box_line, render_markdown
 from src.serving.pyfunc_model import (
     BOX_COLUMNS,
+    BOX_CONFIDENCE_COLUMN,
+    BOX_SOURCE_COLUMN,
     CARD_KEY,
+    ERROR_COLUMN,
     IMAGE_COLUMN,
     PREDICTED_COLUMN,
     prob_column,
@@ -86,7 +94,9 @@ TAGGED_METRICS = ("oof_roc_auc", "oof_roc_auc_ci_low", "oof_roc_auc_ci_high", "o
 METRICS_CV_TAG = "metrics_cv_parent_run_id"
 METRICS_CHECKPOINTS_TAG = "metrics_checkpoints_sha256"
 CHECKPOINTS_TAG = "checkpoints_sha256"
+LOCALISERS_TAG = "n_localisers"  # crop mode: the fold localisers bundled to find boxes
 EVALUATE_CMD = "python -m src.evaluate"
+LOCATE_HIT_RATE = "locate_oof_hit_rate"  # locate's metrics.json: the held-out share of boxes found
 GRADCAM_CMD = "python -m src.gradcam"
 MODEL_ARTIFACT_NAME = "model"
 SRC_DIR = Path(__file__).resolve().parents[1]  # the `src` package: the model's code
@@ -187,13 +197,42 @@ def stage_checkpoints(dirs: list[Path], dst: Path) -> dict[str, str]:
     return artifacts
 
 
-def model_signature(classes: list[str]):
+def stage_localisers(dirs: list[Path], dst: Path) -> dict[str, str]:
+    """Copy only localiser.pt + meta.json per fold, as artifacts localiser_<k> (k: the fold it never saw)."""
+    artifacts = {}
+    for d in dirs:
+        key = f"{LOCALISER_PREFIX}{fold_suffix(d)}"
+        target = dst / key
+        target.mkdir(parents=True)
+        for name in (LOCALISER_WEIGHTS_FILE, LOCALISER_META_FILE):
+            shutil.copy2(d / name, target / name)
+        artifacts[key] = str(target)
+    return artifacts
+
+
+def localiser_hit_rate(params: Params) -> float | None:
+    """The locate stage's held-out hit rate for the card; None when its metrics.json is absent."""
+    path = metrics_path(params.locate.out)
+    if not path.is_file():
+        return None
+    value = read_json_object(path, "locate metrics not found").get(LOCATE_HIT_RATE)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def model_signature(classes: list[str], crop: bool = False):
+    """Inputs: the image and an optional box.  Outputs: prob_<class> and predicted; crop mode adds
+    the box used, its source and confidence, and the per-row error (optional: error rows lack some)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     inputs = Schema([ColSpec("string", IMAGE_COLUMN)] + [ColSpec("double", c, required=False) for c in BOX_COLUMNS])
-    outputs = Schema([ColSpec("double", prob_column(c)) for c in classes] + [ColSpec("string", PREDICTED_COLUMN)])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    outputs = [ColSpec("double", prob_column(c)) for c in classes] + [ColSpec("string", PREDICTED_COLUMN)]
+    if crop:
+        outputs += [ColSpec("double", c, required=False) for c in BOX_COLUMNS]
+        outputs += [ColSpec("string", BOX_SOURCE_COLUMN, required=False),
+                    ColSpec("double", BOX_CONFIDENCE_COLUMN, required=False),
+                    ColSpec("string", ERROR_COLUMN, required=False)]
+    return ModelSignature(inputs=inputs, outputs=Schema(outputs))
 
 
 def example_image_png(height: int, width: int) -> bytes:
@@ -207,10 +246,11 @@ def example_image_png(height: int, width: int) -> bytes:
     return buf.getvalue()
 
 
-def input_example(params: Params, prep: dict[str, Any]) -> pd.DataFrame:
+def input_example(params: Params, prep: dict[str, Any], located: bool = False) -> pd.DataFrame:
+    """One synthetic image; a crop model without a localiser (`located`) needs its box, so it gets one."""
     h, w = params.register.example_size
     frame = pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(example_image_png(h, w)).decode("ascii")]})
-    if prep.get("mode") == "crop":  # a crop model needs its box; centre a small one
+    if prep.get("mode") == "crop" and not located:  # centre a small box
         side = max(2.0, min(h, w) / 8.0)
         for col, value in zip(BOX_COLUMNS, (w / 2 - side / 2, h / 2 - side / 2, side, side)):
             frame[col] = [float(value)]
@@ -310,18 +350,28 @@ def register(params: Params, *, strategy: str | None = None) -> Registered:
         work = Path(tmp)
         members = [refit_checkpoint(params, cv, dirs, work)] if strategy == "refit" else dirs
         meta = read_meta(members[0])
+        crop = meta.prepare_settings.get("mode") == "crop"
         artifacts = stage_checkpoints(members, work / "checkpoints")
-        example = input_example(params, meta.prepare_settings)
+        localisers = fold_localiser_dirs(params.locate.out) if crop else []
+        # Loaded here so a broken or mixed set fails now rather than in every server that loads the model.
+        finder = BoxFinder(localisers) if localisers else None
+        artifacts.update(stage_localisers(localisers, work / "localisers"))
+        example = input_example(params, meta.prepare_settings, located=finder is not None)
         versions = installed_versions(RUNTIME_DISTRIBUTIONS)
         provenance = {"strategy": strategy, "model": meta.model, "n_models": len(members),
                       "best_epochs": ", ".join(str(read_meta(d).best_epoch or "?") for d in members),
                       "git_commit": git, "cv_parent_run_id": cv.parent_run_id,
                       "checkpoints_sha256": checked.checkpoints_sha256, "registered_at": utc_now()}
+        crop_box = crop_box_line(finder.describe() if finder else None,
+                                 localiser_hit_rate(params) if finder else None,
+                                 str(metrics_path(params.locate.out))) if crop else None
         card_meta = build_metadata(name=cfg.name, version=None, strategy=strategy, meta=meta, n_models=len(members),
                                    cv_metrics=metrics, gradcam_metrics=gradcam, data=data, provenance=provenance,
-                                   versions=versions, data_warnings=cv.warnings)
+                                   versions=versions, data_warnings=cv.warnings, crop_box=crop_box)
         tags = version_tags(params=params, cv=cv, metrics=metrics, provenance=checked, data=data, git=git,
                             strategy=strategy, n_models=len(members), meta=meta)
+        if crop:  # 0: every request must carry its box
+            tags[LOCALISERS_TAG] = str(len(localisers))
 
         with mlflow.start_run(run_name=f"register-{strategy}", experiment_id=parent.info.experiment_id,
                               tags={"mlflow.parentRunId": parent.info.run_id, "stage": "register",
@@ -333,7 +383,7 @@ def register(params: Params, *, strategy: str | None = None) -> Registered:
                 python_model=str(PYFUNC_ENTRY),
                 artifacts=artifacts,
                 code_paths=[str(SRC_DIR)],
-                signature=model_signature(list(meta.classes)),
+                signature=model_signature(list(meta.classes), crop=crop),
                 input_example=example,
                 pip_requirements=pip_requirements(),
                 model_config={"batch_size": cfg.batch_size, "max_pixels": params.data.max_pixels},
