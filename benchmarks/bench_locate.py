@@ -4,7 +4,7 @@ needs (issue 16): the figures the locate stage's defaults are chosen by.
     .venv/bin/python benchmarks/bench_locate.py [--configs mobilenetv3_small_100:128x256:25 ...]
                                                 [--threads 2] [--shift-patients 30] [--out FILE]
 
-For each config (timm backbone : overview HxW : epochs) it trains one localiser per fold of the
+For each config (timm backbone : overview HxW : epochs[:locate key=value...]) it trains one localiser per fold of the
 default phantom's prepared store (prepare.out; the classifier's patient-grouped folds) and
 scores every image with the model that never saw it; then the five fold models, averaged, on a
 phantom they never saw (another seed, phantom.nuisance 1.5).  Printed per config and data set:
@@ -44,6 +44,7 @@ from src.core.fileio import atomic_write_json  # noqa: E402
 from src.core.runtime import set_threads  # noqa: E402
 from src.data.imaging import read_image  # noqa: E402
 from src.localise.fit import find_centres  # noqa: E402
+from src.localise.foreign import foreign_confidences  # noqa: E402
 from src.localise.oof import Annotated, annotated, oof_localise  # noqa: E402
 from src.localise.overview import overview  # noqa: E402
 from src.localise.run import annotated_side, score  # noqa: E402
@@ -92,9 +93,10 @@ def main() -> int:
         shift_root, shift_masks = shifted_phantom(Path(tmp), params, args.shift_patients)
         shift = pd.read_csv(shift_root / "manifest.csv")
         for spec in args.configs:
-            model, hw, epochs = spec.split(":")
+            model, hw, epochs, *extra = spec.split(":")
             h, w = (int(v) for v in hw.split("x"))
-            cfg = LocateParams(model=model, size=(h, w), epochs=int(epochs), threads=args.threads)
+            settings = dict(item.split("=", 1) for item in extra)   # e.g. negatives=0.5:batch_size=16
+            cfg = LocateParams(model=model, size=(h, w), epochs=int(epochs), threads=args.threads, **settings)
             data = annotated(store, data_root, cfg.size)
             anatomical = anatomical_mirror_boxes(data.boxes, masks_of(masks_root, store.manifest["file"]))
             started = time.perf_counter()
@@ -104,13 +106,13 @@ def main() -> int:
             base = [fixed_box(data.boxes, data.src_hw, store.indices_not_in_fold(k), store.indices_of_fold(k),
                               anatomical, mm_per_px) for k in range(store.n_folds)]
             oof["fixed_box"] = summary({key: np.concatenate([b[key] for b in base]) for key in base[0]})
-            # the same fold models, each image and its mirror averaged (test-time flip)
+            # the same fold models without the test-time flip (each image and its mirror averaged)
             flipped = [None] * len(peaks)
             for k, m in enumerate(models):
                 test = store.indices_of_fold(k)
-                for i, p in zip(test, find_centres([m], data.overviews[test], flip=True)):
+                for i, p in zip(test, find_centres([m], data.overviews[test], flip=False)):
                     flipped[i] = p
-            oof["flip_test_anatomical"] = figures(data, flipped, anatomical, mm_per_px)["either_anatomical"]
+            oof["no_flip_anatomical"] = figures(data, flipped, anatomical, mm_per_px)["either_anatomical"]
 
             views = np.stack([overview(read_image(shift_root / f), cfg.size) for f in shift["file"]])
             src_hw = np.tile([params.phantom.height, params.phantom.width], (len(shift), 1)).astype(np.float64)
@@ -121,9 +123,11 @@ def main() -> int:
             shifted = figures(sdata, s_peaks, s_anat, s_mm)
             every = np.arange(len(shift))
             shifted["fixed_box"] = summary(fixed_box(sdata.boxes, src_hw, every, every, s_anat, s_mm))
-            shifted["flip_test_anatomical"] = figures(sdata, find_centres(models, views, flip=True), s_anat,
+            shifted["no_flip_anatomical"] = figures(sdata, find_centres(models, views, flip=False), s_anat,
                                                       s_mm)["either_anatomical"]
-            record = {"model": model, "size": [h, w], "epochs": int(epochs), "seconds_per_fold": seconds / store.n_folds,
+            oof["foreign_confidence"] = foreign_confidences(models, cfg.size)
+            record = {"model": model, "size": [h, w], "epochs": int(epochs), "settings": settings,
+                      "seconds_per_fold": seconds / store.n_folds,
                       "threads": args.threads, "oof": oof, "shifted_phantom": shifted}
             results.append(record)
             print_record(record, len(store.images), len(shift))
@@ -134,12 +138,13 @@ def main() -> int:
 
 
 def print_record(r: dict, n: int, n_shift: int) -> None:
-    print(f"\n{r['model']} at {r['size'][0]}x{r['size'][1]}, {r['epochs']} epochs: {r['seconds_per_fold']:.0f} s per fold "
-          f"({r['threads'] or 'all'} threads)")
+    print(f"\n{r['model']} at {r['size'][0]}x{r['size'][1]}, {r['epochs']} epochs {r['settings']}: "
+          f"{r['seconds_per_fold']:.0f} s per fold ({r['threads'] or 'all'} threads)")
+    print("  non-dental images' confidence: " + ", ".join(f"{k} {v:.2f}" for k, v in r["oof"]["foreign_confidence"].items()))
     for name, figs, count in (("out-of-fold, default phantom", r["oof"], n),
                               ("fold ensemble, unseen phantom (seed 1, nuisance 1.5)", r["shifted_phantom"], n_shift)):
         print(f"  {name} ({count} images); confidence min {figs['confidence_min']:.2f}, median {figs['confidence_median']:.2f}")
-        for key in ("annotated_side", "either_image_mirror", "either_anatomical", "flip_test_anatomical", "fixed_box"):
+        for key in ("annotated_side", "either_image_mirror", "either_anatomical", "no_flip_anatomical", "fixed_box"):
             f = figs[key]
             p90 = f" (p90 {f['centre_error_mm_p90']:.2f})" if "centre_error_mm_p90" in f else ""
             print(f"    {key:<22} IoU {f['iou_mean']:.3f}  hit {f['hit_rate']:.3f}  centre error median "

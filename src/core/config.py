@@ -263,16 +263,21 @@ class LocateParams(Section):
         description="auto: in crop mode (the store has boxes to learn from); full-mode models need no box")
     model: str = Field("mobilenetv3_small_100",
         description="timm backbone with stride-4 features (features_only); the heads are CenterNet's")
-    size: tuple[int, int] = Field((128, 256),
+    size: tuple[int, int] = Field((96, 192),
         description="[height, width] of the overview the whole radiograph is shrunk to")
-    epochs: int = Field(12, ge=1, description="sized for make repro on 2 CPU cores (benchmarks/bench_locate.py)")
-    batch_size: int = Field(8, ge=2)
-    lr: float = Field(2e-3, gt=0.0, le=1.0)
+    epochs: int = Field(24, ge=1, description="sized for make repro on 2 CPU cores (benchmarks/bench_locate.py)")
+    batch_size: int = Field(16, ge=2)
+    lr: float = Field(3e-3, gt=0.0, le=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     sigma: float = Field(1.0, gt=0.0, description="heat-map Gaussian around the centre, in cells of 4 overview pixels")
+    augment: float = Field(1.5, ge=0.0, le=3.0,
+        description="geometric augmentation: 1 = +-6 degrees rotation, +-10% scale, +-5% shift")
+    negatives: float = Field(0.5, ge=0.0, le=1.0,
+        description="images without a cortex added per training image (shuffled tiles, noise, shapes):\n"
+                    "they teach the confidence to say 'no cortex here'")
     seed: int = 0
     threads: Optional[int] = Field(None, ge=1, description="CPU threads for torch; null: all cores")
-    min_confidence: float = Field(0.1, gt=0.0, lt=1.0,
+    min_confidence: float = Field(0.2, gt=0.0, lt=1.0,
         description="below this peak probability no cortex was found: an error row, not a crop\n"
                     "(metrics.json: the lowest held-out radiograph's confidence and non-dental images')")
     both_sides: bool = Field(False,

@@ -85,7 +85,7 @@ class BoxFinder:
             raise NoCortexFound(
                 f"no mandibular cortex found: the localiser's best peak has confidence {best.confidence:.3f} "
                 f"(< {self.min_confidence:g}, locate.min_confidence); is this a panoramic radiograph? "
-                "Give its box with --box x,y,w,h or --boxes CSV")
+                "give its cortex box (x, y, w, h) instead")
         scale = (w / src_w, h / src_h)
         other_ok = other.confidence >= self.min_confidence
         return Located(box=peak_box(best, scale), confidence=best.confidence,

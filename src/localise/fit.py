@@ -13,11 +13,11 @@ from src.core.runtime import seed_everything, set_threads
 from src.localise.heatmap import Peak, decode, make_targets
 from src.localise.heatmap import loss as heatmap_loss
 from src.localise.network import STRIDE, Localiser
-from src.localise.overview import augment, to_input
+from src.localise.overview import augment, negative, to_input
 from src.model.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
-FLIP_TEST = False  # average each image's maps with its mirror's (benchmarks/bench_locate.py measures both)
+FLIP_TEST = True  # average each image's maps with its mirror's: +4 points of hits out of fold (bench_locate)
 
 
 def train_localiser(overviews: np.ndarray, centres: np.ndarray, sizes: np.ndarray, cfg, seed: int,
@@ -41,10 +41,15 @@ def train_localiser(overviews: np.ndarray, centres: np.ndarray, sizes: np.ndarra
             idx = order[start:start + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm needs two images
                 continue
-            views = [augment(overviews[i], tuple(centres[i]), rng) for i in idx]
-            x = to_input(np.stack([v[0] for v in views]))
+            views = [augment(overviews[i], tuple(centres[i]), rng, cfg.augment) for i in idx]
             pts = np.array([v[1] for v in views], dtype=np.float32) / STRIDE
             box = sizes[idx] * np.array([v[2] for v in views], dtype=np.float32)[:, None] / STRIDE
+            n_neg = int(rng.binomial(len(idx), cfg.negatives))
+            if n_neg:
+                views += [(negative(overviews[i], rng),) for i in rng.choice(idx, n_neg)]
+                pts = np.concatenate([pts, np.full((n_neg, 2), np.nan, dtype=np.float32)])
+                box = np.concatenate([box, np.full((n_neg, 2), np.nan, dtype=np.float32)])
+            x = to_input(np.stack([v[0] for v in views]))
             loss = heatmap_loss(model(x), make_targets((h // STRIDE, w // STRIDE), pts, box, cfg.sigma))
             opt.zero_grad(set_to_none=True)
             loss.backward()

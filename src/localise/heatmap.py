@@ -22,24 +22,29 @@ class Targets:
     cells: torch.Tensor    # (N, 2) long: the centre cell (y, x)
     offset: torch.Tensor   # (N, 2): centre - cell corner, in cells (x, y)
     log_size: torch.Tensor  # (N, 2): log box (w, h) in cells
+    positive: torch.Tensor  # (N,) bool: the image holds a centre (negatives: no peak anywhere)
 
 
 def make_targets(shape: tuple[int, int], centres: np.ndarray, sizes: np.ndarray, sigma: float) -> Targets:
-    """Targets for centres and box sizes (N, 2 each: x, y / w, h) given in cell units."""
+    """Targets for centres and box sizes (N, 2 each: x, y / w, h) given in cell units; a NaN
+    centre marks an image without a cortex (a negative: its map is zero everywhere)."""
     h, w = shape
     centres = np.asarray(centres, dtype=np.float32)
+    positive = np.isfinite(centres).all(axis=1)
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     heat = np.zeros((len(centres), 1, h, w), dtype=np.float32)
     cells = np.zeros((len(centres), 2), dtype=np.int64)
     for i, (cx, cy) in enumerate(centres):
+        if not positive[i]:
+            continue
         iy, ix = int(np.clip(np.floor(cy), 0, h - 1)), int(np.clip(np.floor(cx), 0, w - 1))
         g = np.exp(-((xs - ix) ** 2 + (ys - iy) ** 2) / (2.0 * sigma * sigma))
         g[iy, ix] = 1.0
         heat[i, 0], cells[i] = g, (iy, ix)
-    offset = centres - cells[:, ::-1]
-    log_size = np.log(np.clip(np.asarray(sizes, dtype=np.float32), 1e-3, None))
+    offset = np.where(positive[:, None], centres - cells[:, ::-1], 0.0)
+    log_size = np.log(np.clip(np.nan_to_num(np.asarray(sizes, dtype=np.float32), nan=1.0), 1e-3, None))
     return Targets(torch.from_numpy(heat), torch.from_numpy(cells), torch.from_numpy(offset.astype(np.float32)),
-                   torch.from_numpy(log_size))
+                   torch.from_numpy(log_size), torch.from_numpy(positive))
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, beta: float = 4.0) -> torch.Tensor:
@@ -57,9 +62,12 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, b
 def loss(output: torch.Tensor, t: Targets) -> torch.Tensor:
     """Heat-map focal loss + L1 of the offset and log size, read at each centre cell."""
     rows = torch.arange(len(t.cells))
-    at = output[rows, :, t.cells[:, 0], t.cells[:, 1]].float()  # (N, 5)
-    return (focal_loss(output[:, :1], t.heat) + F.l1_loss(at[:, 1:3], t.offset)
-            + SIZE_WEIGHT * F.l1_loss(at[:, 3:5], t.log_size))
+    at = output[rows, :, t.cells[:, 0], t.cells[:, 1]].float()[t.positive]  # (P, 5)
+    heat = focal_loss(output[:, :1], t.heat)
+    if not len(at):
+        return heat
+    return (heat + F.l1_loss(at[:, 1:3], t.offset[t.positive])
+            + SIZE_WEIGHT * F.l1_loss(at[:, 3:5], t.log_size[t.positive]))
 
 
 @dataclass

@@ -42,6 +42,7 @@ class Localiser(nn.Module):
         with torch.no_grad():
             self.head.bias.zero_()
             self.head.bias[0] = -math.log((1 - PRIOR) / PRIOR)
+        self.to(memory_format=torch.channels_last)  # see overview.to_input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.backbone(x)

@@ -28,6 +28,7 @@ from src.data.imaging import read_image
 from src.data.preprocess import Box
 from src.explain.cam import explain_ensemble
 from src.explain.figures import save_overlay
+from src.localise.finder import NoCortexFound
 from src.serving.localisers import fold_localiser_dirs
 from src.serving.pyfunc_model import (
     BOX_COLUMNS,
@@ -156,7 +157,9 @@ def predict_files(ensemble: Ensemble, files: list[Path], box: Box | None = None,
         try:
             ready.append(ensemble.prepare_input(read_image(path, ensemble.max_pixels), file_box, str(path)))
             ok.append(i)
-        except BoneHealthError as exc:  # NoCortexFound included
+        except NoCortexFound as exc:
+            results[i].error = f"{_one_line(exc, path)} (--box x,y,w,h or --boxes CSV)"
+        except BoneHealthError as exc:
             results[i].error = _one_line(exc, path)
         except (OSError, ValueError, MemoryError) as exc:  # decoders' own surprises: still per file
             results[i].error = f"{type(exc).__name__}: {exc}"
