@@ -36,7 +36,7 @@ repro: $(STAMP)
 # (columns named by path, and train.out's `models`) and Created.  The kept names are headline.json's
 # (src/evaluation/report.py HEADLINE, src/explain/oof_explain.py HEADLINE; a test keeps them equal).
 # More rows or an order: make exp EXP_ARGS="-A --sort-by auc".
-EXP_KEEP := ^(auc|auc_lo|auc_hi|sens|spec|bal_acc|brier|ece|chain_auc|cam_in|hit)$$
+EXP_KEEP := ^(auc|auc_lo|auc_hi|sens|spec|bal_acc|brier|ece|chain_auc|cam_in)$$
 EXP_DROP := .*/|^models$$|^Created$$
 exp: $(STAMP)
 	dvc exp show --no-pager --only-changed --keep '$(EXP_KEEP)' --drop '$(EXP_DROP)' $(EXP_ARGS)

@@ -117,8 +117,11 @@ def test_a_rerun_reuses_finished_folds_and_a_changed_setting_retrains(located):
     assert (weights.read_bytes(), weights.stat().st_mtime_ns) == before
     assert len(fold_runs(params)) == runs_before  # same parent run continued, no fold retrained
     # min_confidence is read at use: no retraining either
-    assert locate_stage.main(["--params", path, "--set", "locate.min_confidence=0.5"]) == 0
+    assert locate_stage.main(["--params", path, "--set", "locate.min_confidence=0.5",
+                              "--set", "locate.both_sides=true"]) == 0
     assert weights.stat().st_mtime_ns == before[1]
+    meta = read_localiser_meta(out / FOLDS_DIR / "fold_0")            # what predict and serving read
+    assert (meta.min_confidence, meta.both_sides) == (0.5, True)
     # killed while training fold 1: its meta.json (written last) missing, its MLflow run RUNNING
     (out / FOLDS_DIR / "fold_1" / "meta.json").unlink()
     parent = next(r for r in fold_runs(params) if "fold" not in r.data.tags)

@@ -280,9 +280,9 @@ class LocateParams(Section):
     min_confidence: float = Field(0.2, gt=0.0, lt=1.0,
         description="below this peak probability no cortex was found: an error row, not a crop\n"
                     "(metrics.json: the lowest held-out radiograph's confidence and non-dental images')")
-    both_sides: bool = Field(False,
+    both_sides: bool = Field(True,
         description="classify a crop on each side of the mandible and average (when the other side's peak\n"
-                    "passes min_confidence); evaluate measures both ways")
+                    "passes min_confidence); evaluate measures both ways (chain_*_oof_roc_auc)")
     unseen_phantom: UnseenPhantomParams = Field(default_factory=UnseenPhantomParams,
         description="a phantom never trained on, scored by the fold ensemble")
 

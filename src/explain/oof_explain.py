@@ -354,7 +354,8 @@ def explain_file(params: Params, image_path: str | Path, out: str | Path, model_
     members = [load_checkpoint(d, device=device) for d in dirs]
     meta0 = members[0][1]
     if meta0.mode == "crop" and box is None:
-        raise BoneHealthError(f"{dirs[0]}: the model was trained on crops around the cortex box; pass --box x,y,w,h")
+        raise BoneHealthError(f"{dirs[0]}: the model was trained on crops around the cortex box; pass --box x,y,w,h, "
+                              "or let the localiser find it: python -m src.predict FILE --cam DIR")
     preps = {json.dumps(meta.preprocessing, sort_keys=True) for _, meta in members}
     if len(preps) != 1:
         raise BoneHealthError(f"{model_ref or params.train.out}: its checkpoints were trained on differently prepared images")

@@ -13,6 +13,7 @@ import json
 import logging
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +138,12 @@ def fold_models(params: Params, store: PreparedStore, data: Annotated, fp: str, 
         train, test = store.indices_not_in_fold(k), store.indices_of_fold(k)
         directory = fold_path(cfg.out, k)
         if resume and is_localiser(directory) and read_localiser_meta(directory).fingerprint == fp:
-            model, _ = load_localiser(directory)
+            model, meta = load_localiser(directory)
             log.info("locate: fold %d reused from %s", k, directory)
+            if (meta.min_confidence, meta.both_sides) != (cfg.min_confidence, cfg.both_sides):
+                # read at use (predict, the served model): the folder must carry today's values
+                meta.min_confidence, meta.both_sides = cfg.min_confidence, cfg.both_sides
+                atomic_write_json(directory / "meta.json", asdict(meta))
         else:
             started = time.perf_counter()
             with mlflow.start_run(run_name=f"locate_fold_{k}", nested=True) as run:
