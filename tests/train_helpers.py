@@ -114,6 +114,7 @@ def tiny_params(tmp_path: str | Path, store: str | Path, **train: Any) -> Params
         "prepare": {"out": str(store), "folds": meta["folds"]},
         "train": train_cfg,
         "evaluate": {"out": str(tmp_path / "reports"), "bootstrap": 200},
+        "locate": {"out": str(tmp_path / "localiser")},   # never the checkout's own localiser/
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
                    "artifact_root": str(tmp_path / "mlruns" / "artifacts"), "experiment": "tiny"},
     }

@@ -8,10 +8,12 @@ from pathlib import Path
 SRC_ROOT = Path(__file__).resolve().parents[1]
 
 
-def code_fingerprint(root: Path = SRC_ROOT, packages: tuple[str, ...] = ()) -> str:
-    """sha256 over the source of `packages` under `root` (paths and bytes)."""
+def code_fingerprint(root: Path = SRC_ROOT, packages: tuple[str, ...] = (), modules: tuple[str, ...] = ()) -> str:
+    """sha256 over the source of `packages` (folders) and `modules` (files) under `root`, paths
+    and bytes."""
+    paths = [p for package in packages for p in sorted((root / package).rglob("*.py"))]
+    paths += [root / m for m in modules]
     h = hashlib.sha256()
-    for package in packages:
-        for path in sorted((root / package).rglob("*.py")):
-            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in paths:
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()

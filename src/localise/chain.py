@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from src.artifacts.checkpoint import read_meta
 from src.artifacts.cv_run import CvRun, fold_checkpoint_dirs
 from src.core.config import Params
 from src.core.errors import DataError
@@ -29,6 +30,9 @@ def located_predictions(params: Params, cv: CvRun, oof: pd.DataFrame) -> pd.Data
     their mean, with the localiser's confidences; None when locate.out holds no boxes (full mode,
     or locate never ran)."""
     out = Path(params.locate.out)
+    dirs = fold_checkpoint_dirs(params.train.out, cv)
+    if read_meta(dirs[0]).mode != "crop":
+        return None  # full mode: the classifier needs no box, there is no chain to score
     if not (out / CROPS_FILE).is_file() or not (out / OOF_FILE).is_file():
         log.info("evaluate: %s has no found boxes (run `python -m src.locate`): the chain is not scored", out)
         return None
@@ -47,7 +51,6 @@ def located_predictions(params: Params, cv: CvRun, oof: pd.DataFrame) -> pd.Data
     # torch only when there are crops to classify: evaluate stays light in full mode
     from src.model.factory import load_checkpoint, predict_proba
 
-    dirs = fold_checkpoint_dirs(params.train.out, cv)
     rows = []
     for directory in dirs:
         model, meta = load_checkpoint(directory)

@@ -64,6 +64,10 @@ from src.localise.scores import (
 from src.synthetic.generator import generate
 
 log = logging.getLogger(__name__)
+# The code a localiser's weights depend on: an edit elsewhere (scoring, the chain, this file)
+# rescores the reused folds instead of training them again.
+TRAINING_MODULES = ("localise/network.py", "localise/heatmap.py", "localise/overview.py", "localise/fit.py",
+                    "model/schedules.py")
 # Settings that change neither the networks nor their scores (min_confidence and both_sides are
 # read at use: changing them must not retrain).
 RUN_ONLY_KEYS = ("out", "threads", "min_confidence", "both_sides", "unseen_phantom", "enabled")
@@ -88,7 +92,7 @@ def fingerprint(cfg: LocateParams, store: PreparedStore) -> str:
 
     settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RUN_ONLY_KEYS}
     payload = {"settings": settings, "threads": torch.get_num_threads(),
-               "manifest": store.meta.get("manifest_sha256"), "code": code_fingerprint(packages=("localise",))}
+               "manifest": store.meta.get("manifest_sha256"), "code": code_fingerprint(modules=TRAINING_MODULES)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -210,7 +214,8 @@ def _mark_killed(client, parent_id: str) -> None:
 
 
 # ----------------------------------------------------------------------------- outputs
-def oof_table(store: PreparedStore, data: Annotated, peaks, scores, min_confidence: float) -> pd.DataFrame:
+def oof_table(store: PreparedStore, data: Annotated, peaks, scores, mirrors: np.ndarray,
+              min_confidence: float) -> pd.DataFrame:
     m = store.manifest
     scale = data.scale()
     best = np.array([peak_box(p[0], tuple(s)) for p, s in zip(peaks, scale)])
@@ -220,6 +225,8 @@ def oof_table(store: PreparedStore, data: Annotated, peaks, scores, min_confiden
                           "label": m["label"]})
     for j, c in enumerate(("x", "y", "w", "h")):
         frame[f"box_{c}"] = data.boxes[:, j]
+    for j, c in enumerate(("x", "y", "w", "h")):  # the annotated box on the other side (what "other" scores against)
+        frame[f"mirror_{c}"] = mirrors[:, j]
     for j, c in enumerate(("x", "y", "w", "h")):
         frame[f"found_{c}"] = best[:, j]
     frame["confidence"] = conf
@@ -323,7 +330,7 @@ def run_locate(params: Params, resume: bool = True) -> dict[str, Any]:
             metrics["locate_seconds_per_fold"] = float(np.mean(list(seconds.values())))
         if _unseen_enabled(params):
             metrics.update(unseen_phantom(params, models))
-        table = oof_table(store, data, peaks, scores, cfg.min_confidence)
+        table = oof_table(store, data, peaks, scores, mirrors, cfg.min_confidence)
         if mm is not None:
             table["centre_error_mm"] = scores["error_mm"]
         with atomic_path(out / OOF_FILE) as tmp:
