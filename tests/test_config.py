@@ -32,7 +32,7 @@ def write(tmp_path, data) -> Path:
 def test_repo_params_file_validates_and_matches_sections():
     params = load_params(ROOT / "params.yaml")
     assert set(Params.model_fields) == {
-        "data", "phantom", "prepare", "train", "evaluate", "gradcam", "tune", "register", "mlflow"}
+        "data", "phantom", "prepare", "locate", "train", "evaluate", "gradcam", "tune", "register", "mlflow"}
     assert params.prepare.folds == 5
     assert params.data.positive_class in params.phantom.classes
 
@@ -94,6 +94,19 @@ def test_a_union_setting_says_every_accepted_form_in_one_line(tmp_path, override
     with pytest.raises(ParamsError) as exc:
         load_params(path, [override])
     assert str(exc.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("locate.size=[100,200]", "locate.size: expected [height, width], each a multiple of 16 and at least 32 "
+                              "(got [100, 200])"),
+    ("locate.negatives=2", "locate.negatives: Input should be less than or equal to 1"),
+    ("locate.unseen_phantom.enabled=sometimes", "locate.unseen_phantom.enabled: got 'sometimes'"),
+])
+def test_locate_settings_are_checked_in_one_line(tmp_path, override, message):
+    path = write(tmp_path, {})
+    with pytest.raises(ParamsError) as exc:
+        load_params(path, [override])
+    assert str(exc.value).startswith(f"{path}: {message}") and "\n" not in str(exc.value)
 
 
 def test_early_stopping_without_a_criterion_is_refused(tmp_path):
