@@ -442,3 +442,22 @@ def test_the_floor_stops_a_chance_level_model_even_as_the_first_champion(tmp_pat
     # the floor can be switched off for a metric without a chance level
     params.register.gate.floor = None
     assert promote(params).action == "unchanged"
+
+
+def test_the_card_quotes_the_localiser_hit_rate_only_for_the_bundled_localisers(tmp_path):
+    """locate's metrics.json names the localisers it scored; after a retrain without a rescore
+    its figure belongs to other networks and the card says it is not available."""
+    from types import SimpleNamespace
+
+    from src.core.config import params_from_dict
+    from src.serving.registry import localiser_hit_rate
+
+    params = params_from_dict({"locate": {"out": str(tmp_path / "localiser")}})
+    finder = SimpleNamespace(metas=[SimpleNamespace(fingerprint="abc")] * 2)
+    assert localiser_hit_rate(params, finder) is None                     # no metrics.json
+    (tmp_path / "localiser").mkdir()
+    path = tmp_path / "localiser" / "metrics.json"
+    path.write_text(json.dumps({"locate_oof_hit_rate": 0.954, "locate_fingerprint": "abc"}))
+    assert localiser_hit_rate(params, finder) == 0.954
+    path.write_text(json.dumps({"locate_oof_hit_rate": 0.954, "locate_fingerprint": "other"}))
+    assert localiser_hit_rate(params, finder) is None

@@ -324,7 +324,9 @@ def run_locate(params: Params, resume: bool = True) -> dict[str, Any]:
                         "locate_min_confidence": cfg.min_confidence,
                         "locate_n_not_found": int((conf < cfg.min_confidence).sum()),
                         "locate_n_images": len(conf), "locate_n_folds": store.n_folds,
-                        "locate_other_side": other_side})
+                        "locate_other_side": other_side,
+                        # which localisers these figures are of: register quotes them only for these
+                        "locate_fingerprint": fp})
         metrics.update({f"locate_foreign_confidence_{name}": v for name, v in foreign.items()})
         if seconds:
             metrics["locate_seconds_per_fold"] = float(np.mean(list(seconds.values())))

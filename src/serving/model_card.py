@@ -49,7 +49,7 @@ def crop_box_line(finder: str | None, hit_rate: float | None, metrics_file: str)
         return ("boxes must be given: no localiser is bundled (the locate stage had written none), so every image "
                 "needs box_x, box_y, box_w, box_h")
     rate = (f"held-out hit rate {hit_rate:.3f} from {metrics_file}" if _finite(hit_rate)
-            else f"held-out hit rate not available ({metrics_file} has no locate_oof_hit_rate)")
+            else f"held-out hit rate not available ({metrics_file} is missing or was written for other localisers)")
     return f"given by the caller, else found by the bundled localiser: {finder}; {rate}"
 
 

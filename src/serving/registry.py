@@ -210,12 +210,17 @@ def stage_localisers(dirs: list[Path], dst: Path) -> dict[str, str]:
     return artifacts
 
 
-def localiser_hit_rate(params: Params) -> float | None:
-    """The locate stage's held-out hit rate for the card; None when its metrics.json is absent."""
+def localiser_hit_rate(params: Params, finder: BoxFinder) -> float | None:
+    """The locate stage's held-out hit rate for the card; None when its metrics.json is absent or
+    was written for other localisers than the bundled ones (a retrain since, say)."""
     path = metrics_path(params.locate.out)
     if not path.is_file():
         return None
-    value = read_json_object(path, "locate metrics not found").get(LOCATE_HIT_RATE)
+    metrics = read_json_object(path, "locate metrics not found")
+    written_for = metrics.get("locate_fingerprint")
+    if written_for is not None and any(m.fingerprint != written_for for m in finder.metas):
+        return None
+    value = metrics.get(LOCATE_HIT_RATE)
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
@@ -363,7 +368,7 @@ def register(params: Params, *, strategy: str | None = None) -> Registered:
                       "git_commit": git, "cv_parent_run_id": cv.parent_run_id,
                       "checkpoints_sha256": checked.checkpoints_sha256, "registered_at": utc_now()}
         crop_box = crop_box_line(finder.describe() if finder else None,
-                                 localiser_hit_rate(params) if finder else None,
+                                 localiser_hit_rate(params, finder) if finder else None,
                                  str(metrics_path(params.locate.out))) if crop else None
         card_meta = build_metadata(name=cfg.name, version=None, strategy=strategy, meta=meta, n_models=len(members),
                                    cv_metrics=metrics, gradcam_metrics=gradcam, data=data, provenance=provenance,
