@@ -25,7 +25,8 @@ repro: $(STAMP)
 	@echo
 	@echo "Results:"
 	@echo "  prepared store + validation report: data/prepared/ (report.json)"
-	@echo "  headline metrics: reports/headline.json, reports/gradcam/headline.json   (make exp, dvc metrics show)"
+	@echo "  cortex localiser: localiser/ (metrics.json, examples.png, oof_boxes.csv; the fold localisers in folds/)"
+	@echo "  headline metrics: reports/headline.json, reports/gradcam/headline.json, localiser/headline.json   (make exp, dvc metrics show)"
 	@echo "  every figure: reports/metrics.json, reports/gradcam/metrics.json"
 	@echo "  plots: learning curves, ROC, PR, calibration, confusion, Grad-CAM sheets   (make plots: offline HTML)"
 	@echo "  Grad-CAM overlays: reports/gradcam/"
