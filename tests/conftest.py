@@ -23,3 +23,15 @@ def _no_inherited_tracking_uri():
     inherit a previous test's store as if a user had chosen it."""
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
+    on a shared 2-core box, 2 intra-op threads make a tiny forward pass ~10-40x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

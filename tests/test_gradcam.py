@@ -56,14 +56,7 @@ from tests.gradcam_helpers import (
 )
 from tests.train_helpers import write_params
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On a shared 2-core box, 2 intra-op threads make a tiny forward pass ~40x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

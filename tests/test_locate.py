@@ -68,7 +68,7 @@ def fold_runs(params) -> list:
 
 
 def test_locate_writes_fold_localisers_oof_boxes_crops_and_metrics(located):
-    tmp, params, _ = located
+    _, params, _ = located
     out = Path(params.locate.out)
     store = PreparedStore.open(params.prepare.out)
     for k in range(FOLDS):
@@ -108,7 +108,7 @@ def test_locate_writes_fold_localisers_oof_boxes_crops_and_metrics(located):
 
 
 def test_a_rerun_reuses_finished_folds_and_a_changed_setting_retrains(located):
-    tmp, params, path = located
+    _, params, path = located
     out = Path(params.locate.out)
     weights = out / FOLDS_DIR / "fold_0" / "localiser.pt"
     before = (weights.read_bytes(), weights.stat().st_mtime_ns)
@@ -136,7 +136,7 @@ def test_a_rerun_reuses_finished_folds_and_a_changed_setting_retrains(located):
 
 
 def test_boxfinder_from_the_fold_folders_finds_a_box_on_a_raw_radiograph(located):
-    tmp, params, _ = located
+    _, params, _ = located
     dirs = sorted((Path(params.locate.out) / FOLDS_DIR).glob("fold_*"))
     finder = BoxFinder(dirs)
     img = read_image(Path(params.data.root) / PreparedStore.open(params.prepare.out).manifest["file"][0])
@@ -147,7 +147,7 @@ def test_boxfinder_from_the_fold_folders_finds_a_box_on_a_raw_radiograph(located
 
 
 def test_evaluate_scores_the_chain_next_to_the_annotated_boxes(located):
-    tmp, params, path = located
+    _, params, path = located
     assert train_stage.main(["--params", path]) == 0
     assert evaluate_stage.main(["--params", path]) == 0
     m = json.loads((Path(params.evaluate.out) / "metrics.json").read_text())

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from registry_helpers import (
     expected_probs,
     make_params,
@@ -23,14 +22,7 @@ from src.predict import main as predict_main
 from src.serving.registry import register
 from tests.train_helpers import write_params
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On a shared 2-core box, 2 intra-op threads make a tiny forward pass ~10-40x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

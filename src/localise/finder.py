@@ -36,11 +36,14 @@ class Located:
         return [self.box, self.other_box] if both_sides and self.other_box is not None else [self.box]
 
 
-def peak_box(peak: Peak, scale_xy: tuple[float, float]) -> Box:
-    """A peak in overview pixels -> (x, y, w, h) in source pixels."""
+def peak_box(peak: Peak, scale_xy: tuple[float, float], src_hw: tuple[float, float]) -> Box:
+    """A peak in overview pixels -> (x, y, w, h) in source pixels, its centre kept on the image:
+    the offset head may put an edge cell's centre just outside, where no crop can be centred."""
     sx, sy = scale_xy
     w, h = peak.w / sx, peak.h / sy
-    return (peak.x / sx - w / 2, peak.y / sy - h / 2, w, h)
+    cx = float(np.clip(peak.x / sx, 0.0, src_hw[1] - 1))
+    cy = float(np.clip(peak.y / sy, 0.0, src_hw[0] - 1))
+    return (cx - w / 2, cy - h / 2, w, h)
 
 
 class BoxFinder:
@@ -88,5 +91,6 @@ class BoxFinder:
                 "give its cortex box (x, y, w, h) instead")
         scale = (w / src_w, h / src_h)
         other_ok = other.confidence >= self.min_confidence
-        return Located(box=peak_box(best, scale), confidence=best.confidence,
-                       other_box=peak_box(other, scale) if other_ok else None, other_confidence=other.confidence)
+        return Located(box=peak_box(best, scale, (src_h, src_w)), confidence=best.confidence,
+                       other_box=peak_box(other, scale, (src_h, src_w)) if other_ok else None,
+                       other_confidence=other.confidence)

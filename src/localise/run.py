@@ -143,6 +143,7 @@ def fold_models(params: Params, store: PreparedStore, data: Annotated, fp: str, 
         directory = fold_path(cfg.out, k)
         if resume and is_localiser(directory) and read_localiser_meta(directory).fingerprint == fp:
             model, meta = load_localiser(directory)
+            fold_peaks = find_centres([model], data.overviews[test])
             log.info("locate: fold %d reused from %s", k, directory)
             if (meta.min_confidence, meta.both_sides) != (cfg.min_confidence, cfg.both_sides):
                 # read at use (predict, the served model): the folder must carry today's values
@@ -170,7 +171,7 @@ def fold_models(params: Params, store: PreparedStore, data: Annotated, fp: str, 
                 save_localiser(directory, model.state_dict(), meta)
                 mlflow.log_artifacts(str(directory), artifact_path="localiser")
             seconds[k] = time.perf_counter() - started
-        for i, p in zip(test, find_centres([model], data.overviews[test])):
+        for i, p in zip(test, fold_peaks):
             peaks[i] = p
         models.append(model)
     return models, peaks, seconds  # type: ignore[return-value]
@@ -218,8 +219,8 @@ def oof_table(store: PreparedStore, data: Annotated, peaks, scores, mirrors: np.
               min_confidence: float) -> pd.DataFrame:
     m = store.manifest
     scale = data.scale()
-    best = np.array([peak_box(p[0], tuple(s)) for p, s in zip(peaks, scale)])
-    other = np.array([peak_box(p[1], tuple(s)) for p, s in zip(peaks, scale)])
+    best = np.array([peak_box(p[0], tuple(s), hw) for p, s, hw in zip(peaks, scale, data.src_hw)])
+    other = np.array([peak_box(p[1], tuple(s), hw) for p, s, hw in zip(peaks, scale, data.src_hw)])
     conf = np.array([p[0].confidence for p in peaks])
     frame = pd.DataFrame({"index": np.arange(len(m)), "file": m["file"], "patient": m["patient"], "fold": m["fold"],
                           "label": m["label"]})
@@ -249,22 +250,14 @@ def write_crops(out: Path, store: PreparedStore, table: pd.DataFrame) -> Path:
     for i, row in enumerate(table.itertuples(index=False)):
         boxes = [(row.found_x, row.found_y, row.found_w, row.found_h),
                  (row.other_x, row.other_y, row.other_w, row.other_h)]
-        img = read_image(root / row.file)
-        crops[i] = np.stack(preprocess_crops(img, store.meta, _inside(boxes, img.shape)))
-    with atomic_path(out / CROPS_FILE, crops.nbytes + 4096) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, crops)
-    return out / CROPS_FILE
+        crops[i] = np.stack(preprocess_crops(read_image(root / row.file), store.meta, boxes))
+    return save_array(out / CROPS_FILE, crops)
 
 
-def _inside(boxes: list[tuple[float, ...]], shape: tuple[int, ...]) -> list[tuple[float, ...]]:
-    """Boxes whose centre the network put just off the image (edge cells) moved onto it."""
-    h, w = shape[:2]
-    out = []
-    for x, y, bw, bh in boxes:
-        cx, cy = np.clip(x + bw / 2, 0, w - 1), np.clip(y + bh / 2, 0, h - 1)
-        out.append((float(cx - bw / 2), float(cy - bh / 2), float(bw), float(bh)))
-    return out
+def save_array(path: Path, array: np.ndarray) -> Path:
+    with atomic_path(path, array.nbytes + 4096) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
+    return path
 
 
 def unseen_phantom(params: Params, models: list) -> dict[str, float]:
@@ -372,9 +365,7 @@ def write_disabled(out: Path, store: PreparedStore) -> dict[str, Any]:
     (out / FOLDS_DIR).mkdir(parents=True, exist_ok=True)
     with atomic_path(out / OOF_FILE) as tmp:
         pd.DataFrame(columns=["index", "file", "found"]).to_csv(tmp, index=False)
-    with atomic_path(out / CROPS_FILE) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.zeros((0, 2, 1, 1), dtype=np.uint8))
+    save_array(out / CROPS_FILE, np.zeros((0, 2, 1, 1), dtype=np.uint8))
     metrics = {"locate_enabled": False, "locate_reason": f"{store.meta.get('mode')}-mode store: no box is needed"}
     write_metrics(out, metrics)
     write_headline(out, metrics, HEADLINE)

@@ -186,25 +186,23 @@ def store_info(params: Params, meta: CheckpointMeta) -> dict[str, Any]:
 def stage_checkpoints(dirs: list[Path], dst: Path) -> dict[str, str]:
     """Copy only model.pt + meta.json per fold: test_predictions.csv names patients and files,
     which have no business inside a model that gets shared or served."""
-    artifacts = {}
-    for d in dirs:
-        key = d.name if d.name.startswith(CHECKPOINT_PREFIX) else f"{CHECKPOINT_PREFIX}{d.name}"
-        target = dst / key
-        target.mkdir(parents=True)
-        for name in (CHECKPOINT_FILE, META_FILE):
-            shutil.copy2(d / name, target / name)
-        artifacts[key] = str(target)
-    return artifacts
+    return _stage(dirs, dst, lambda d: d.name if d.name.startswith(CHECKPOINT_PREFIX) else f"{CHECKPOINT_PREFIX}{d.name}",
+                  (CHECKPOINT_FILE, META_FILE))
 
 
 def stage_localisers(dirs: list[Path], dst: Path) -> dict[str, str]:
     """Copy only localiser.pt + meta.json per fold, as artifacts localiser_<k> (k: the fold it never saw)."""
+    return _stage(dirs, dst, lambda d: f"{LOCALISER_PREFIX}{fold_suffix(d)}", (LOCALISER_WEIGHTS_FILE, LOCALISER_META_FILE))
+
+
+def _stage(dirs: list[Path], dst: Path, key_of, files: tuple[str, ...]) -> dict[str, str]:
+    """{artifact key: folder} of copies of `files` from each of `dirs`, under dst/<key>."""
     artifacts = {}
     for d in dirs:
-        key = f"{LOCALISER_PREFIX}{fold_suffix(d)}"
+        key = key_of(d)
         target = dst / key
         target.mkdir(parents=True)
-        for name in (LOCALISER_WEIGHTS_FILE, LOCALISER_META_FILE):
+        for name in files:
             shutil.copy2(d / name, target / name)
         artifacts[key] = str(target)
     return artifacts
