@@ -128,7 +128,8 @@ def repo(tmp_path_factory) -> tuple[Path, dict]:
     write_metrics(out["locate"], located)
     write_headline(out["locate"], located, LOCATE_HEADLINE)
 
-    cam = {"gradcam_energy_inside_all": 0.0512345, "gradcam_area_fraction_all": 0.026, "gradcam_road_all": 0.15}
+    cam = {"gradcam_energy_inside_all": 0.0512345, "gradcam_area_fraction_all": 0.026, "gradcam_road_all": 0.15,
+           "gradcam_pointing_hit_all": 0.8, "gradcam_randomization_similarity_all": 0.2345}
     write_metrics(out["gradcam"], cam)
     write_headline(out["gradcam"], cam, CAM_HEADLINE)
     for cls in ("C1", "C3"):
@@ -147,8 +148,8 @@ def test_dvc_metrics_are_the_three_headline_files(repo):
     assert set(shown) == rel  # the metrics.json files are outs, not DVC metrics
     evaluate = shown[str((out["evaluate"] / "headline.json").relative_to(repo))]["data"]
     assert evaluate == {short: round(out["metrics"][key], 3) for short, key in HEADLINE.items()}
-    assert shown[str((out["gradcam"] / "headline.json").relative_to(repo))]["data"] == {"cam_in": 0.051,
-                                                                                       "cam_chance": 0.026}
+    assert shown[str((out["gradcam"] / "headline.json").relative_to(repo))]["data"] == {
+        "cam_in": 0.051, "cam_chance": 0.026, "cam_pointing": 0.8, "cam_random_sim": 0.234}
     located = shown[str((out["locate"] / "headline.json").relative_to(repo))]["data"]
     assert located["hit"] == 0.954 and located.get("unseen_hit") is None  # real data: no unseen phantom
 

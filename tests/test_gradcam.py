@@ -18,17 +18,22 @@ from src.core.errors import BoneHealthError, DataError
 from src.explain.cam import (
     METHODS,
     explain_image,
+    explain_tensor,
     input_gradient_saliency,
     resolve_target_layer,
+    resolve_target_layers,
 )
 from src.explain.faithfulness import (
     area_fraction,
     energy_inside,
+    localisation,
     perturbation_score,
     pointing_hit,
     random_map,
+    ratios,
     summarise,
 )
+from src.explain.sanity import cascade_groups, cut_points, randomised_cascade, rank_similarity
 from src.explain.figures import (
     SheetItem,
     contact_sheet,
@@ -36,11 +41,14 @@ from src.explain.figures import (
     save_overlay,
 )
 from src.explain.oof_explain import (
+    ZHANG_TOLERANCE,
     load_fold_model,
     mask_for,
     out_of_fold_model,
+    pointing_tolerance_px,
     run_gradcam,
     select_images,
+    stored_box,
 )
 from src.gradcam import main
 from src.model.factory import create_model, load_checkpoint, predict_proba
@@ -138,6 +146,31 @@ def test_target_layer_defaults_names_and_errors(tiny):
                       np.zeros((64, 64), np.uint8), "gradcam2")
 
 
+def test_target_layer_by_stride_and_fused_layers(tiny):
+    model, meta = tiny
+    shape = (1, 1, 64, 64)
+    # timm's feature_info names the module ending each stage
+    assert [n for n, _ in resolve_target_layers(model, "stride4", shape)] == ["blocks.1"]
+    assert [n for n, _ in resolve_target_layers(model, ["stride8", "bn2"], shape)] == ["blocks.2", "bn2"]
+    assert [n for n, _ in resolve_target_layers(model, None, shape)] == ["bn2"]
+    # without feature_info: the last module whose map is the input over the stride
+    assert resolve_target_layer(PostPoolHead(), "stride1", (1, 1, 16, 16))[0] == "features"
+    with pytest.raises(BoneHealthError, match=r"no stage at stride64 for input \[64, 64\]; strides there: .*stride4"):
+        resolve_target_layers(model, "stride64", shape)
+    with pytest.raises(BoneHealthError, match=r"names the layer .* more than once"):
+        resolve_target_layers(model, ["stride4", "blocks.1"], shape)
+    with pytest.raises(BoneHealthError, match="an empty list"):
+        resolve_target_layers(model, [], shape)
+    # a map from any layer comes back at the input size; a fused map is one such map
+    image = np.random.default_rng(3).integers(0, 256, (64, 64), dtype=np.uint8)
+    x = torch.as_tensor(image, dtype=torch.float32)[None, None] / 255.0
+    coarse = explain_tensor(model, x, "hirescam", [model.bn2], target=1)[0]
+    fine = explain_tensor(model, x, "hirescam", [model.blocks[1]], target=1)[0]
+    assert coarse.shape == fine.shape == (64, 64) and not np.allclose(coarse, fine)
+    fused, _ = explain_image(model, meta, image[:48], "layercam", ["stride4", "stride8", "stride16"])
+    assert fused.shape == (48, 64) and 0.9 < fused.max() <= 1.0  # resized from the model's 48x80 input
+
+
 # ------------------------------------------------------------------ localisation scores
 def test_localisation_scores_on_hand_made_maps():
     mask = np.zeros((4, 5), dtype=bool)
@@ -202,6 +235,98 @@ def test_road_rewards_the_map_that_marks_what_the_model_uses():
     plus = perturbation_score(RegionModel(), x, noise, 1, "road", [30, 50])
     minus = perturbation_score(RegionModel(), x, 1 - noise, 1, "road", [30, 50])
     assert abs(plus) > 0.01 and plus + minus == pytest.approx(0, abs=0.01)
+
+
+def test_pointing_game_tolerance_counts_a_peak_near_the_region():
+    mask = np.zeros((20, 20), bool)
+    mask[10:12, 4:16] = True  # a thin band, like the cortex
+    cam = np.zeros((20, 20))
+    cam[7, 8] = 1.0  # 3 px above the band
+    assert pointing_hit(cam, mask) == 0.0
+    assert pointing_hit(cam, mask, tolerance_px=2.9) == 0.0 and pointing_hit(cam, mask, tolerance_px=3.0) == 1.0
+    scores = localisation(cam, mask, tolerance_px=4.0)
+    assert scores["pointing_hit"] == 1.0 and scores["pointing_inside"] == 0.0
+    assert scores["area_fraction"] == pytest.approx(24 / 400)
+    assert ratios({"energy_inside_all": 0.3, "area_fraction_all": 0.05, "energy_inside_C1": 0.1}, ["C1", "all"]) == {
+        "energy_over_area_all": pytest.approx(6.0)}
+
+
+def test_pointing_tolerance_in_stored_pixels(inputs):
+    store = PreparedStore.open(inputs["store"])
+    side = float(store.manifest["crop_side"].iat[0])  # 80 source px -> 64 stored px
+    # 0.25 mm per source pixel: 4 mm = 16 source px = 12.8 stored px
+    assert pointing_tolerance_px(store, 0, 4.0, 0.25) == pytest.approx(4.0 / 0.25 * SIZE / side)
+    assert pointing_tolerance_px(store, 0, 4.0, None) == pytest.approx(15 / 224 * SIZE)  # no mm scale
+
+
+def test_crop_box_in_stored_pixels_for_figures_of_data_without_masks(inputs):
+    store = PreparedStore.open(inputs["store"])
+    rec = store.manifest.iloc[0]
+    x, y, w, h = stored_box(store, 0)
+    scale = SIZE / rec["crop_side"]
+    assert (x, y) == pytest.approx(((rec["box_x"] - rec["crop_x0"]) * scale, (rec["box_y"] - rec["crop_y0"]) * scale))
+    assert (w, h) == pytest.approx((rec["box_w"] * scale, rec["box_h"] * scale))
+    assert 0 <= x and x + w <= SIZE  # the box lies inside its own crop
+    no_box = PreparedStore(store.root, store.images, store.manifest.drop(columns=["box_x"]), store.meta)
+    assert stored_box(no_box, 0) is None
+
+
+# ------------------------------------------------------------------ sanity checks
+class InputFirst(torch.nn.Module):
+    """A tiny CNN whose first module hands on the input unchanged: a map made from it alone
+    (EigenCAM there) is the image itself, whatever the weights - the failure the randomisation
+    test is there to catch."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Identity()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU())
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.features(self.inp(x)).mean(dim=(2, 3)))
+
+
+def test_cascade_randomises_from_the_top_down(tiny):
+    model, _ = tiny
+    names = [n for n, _ in cascade_groups(model)]
+    assert names[0] == "classifier" and names[-1] == "conv_stem"
+    assert names.index("blocks.4") < names.index("blocks.0")  # the stages, last first
+    assert cut_points(12, 4) == [3, 6, 9, 12] and cut_points(3, 8) == [1, 2, 3] and cut_points(12, None)[-1] == 12
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = torch.random.get_rng_state()
+    steps = randomised_cascade(model, 3, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is untouched
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model itself too
+    assert [s.groups for s in steps] == cut_points(len(names), 3)
+    first, last = steps[0].model.state_dict(), steps[-1].model.state_dict()
+    assert not torch.equal(first["classifier.weight"], before["classifier.weight"])
+    assert torch.equal(first["conv_stem.weight"], before["conv_stem.weight"])  # the bottom not yet
+    assert not torch.equal(last["conv_stem.weight"], before["conv_stem.weight"])
+    again = randomised_cascade(model, 3, seed=0)[-1].model.state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in last.items())  # seeded
+
+
+def test_rank_similarity_and_the_test_tells_a_weight_blind_map_from_a_real_one():
+    a = np.arange(16, dtype=float).reshape(4, 4)
+    assert rank_similarity(a, a * 3 + 1) == pytest.approx(1.0)
+    assert rank_similarity(a, -a) == pytest.approx(1.0)  # an inverted map survived too
+    assert rank_similarity(a, np.zeros((4, 4))) == 0.0 and math.isnan(rank_similarity(np.ones((4, 4)), a))
+
+    torch.manual_seed(7)
+    model = InputFirst().eval()
+    x = torch.rand(1, 1, 24, 24)
+    steps = randomised_cascade(model, None, seed=0)
+    assert [s.label for s in steps] == ["head", "features.2", "features.0"]
+
+    def similarity(method, layer_name):
+        ref, _, target = explain_tensor(model, x, method, [model.get_submodule(layer_name)], target=1)
+        return np.mean([rank_similarity(ref, explain_tensor(s.model, x, method, [s.model.get_submodule(layer_name)],
+                                                            target=target)[0]) for s in steps])
+
+    assert similarity("eigencam", "inp") > 0.99  # the image itself: fails the sanity check
+    assert similarity("gradcam", "features.2") < 0.7  # depends on what the weights are
 
 
 # ------------------------------------------------------------------------ masks
@@ -307,7 +432,9 @@ def test_stage_writes_and_logs_overlays_and_metrics(inputs, tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["headline.json", "images", "metrics.json"]
     assert json.loads((out.parent / "headline.json").read_text()) == {
         "cam_in": round(metrics["gradcam_energy_inside_all"], 3),
-        "cam_chance": round(metrics["gradcam_area_fraction_all"], 3)}
+        "cam_chance": round(metrics["gradcam_area_fraction_all"], 3),
+        "cam_pointing": round(metrics["gradcam_pointing_hit_all"], 3),
+        "cam_random_sim": round(metrics["gradcam_randomization_similarity_all"], 3)}
 
     for cls in CLASSES:
         local = sorted(p.name for p in (out / cls).glob("*.png"))
@@ -324,17 +451,26 @@ def test_stage_writes_and_logs_overlays_and_metrics(inputs, tmp_path):
 
     # metrics.json = means of the per-image table, per class and overall, next to the baseline
     assert "gradcam_road_random_all" not in metrics  # 0 in expectation: not computed
-    for key in ("energy_inside", "pointing_hit", "area_fraction", "road"):
+    for key in ("energy_inside", "pointing_hit", "pointing_inside", "area_fraction", "road", "randomization_similarity"):
         assert metrics[f"gradcam_{key}_all"] == pytest.approx(table[key].mean())
         for cls in CLASSES:
             assert metrics[f"gradcam_{key}_{cls}"] == pytest.approx(table.loc[table["class"] == cls, key].mean())
     assert metrics["gradcam_n_images_all"] == 4
-    assert all(0 <= v <= 1 for k, v in metrics.items() if k.startswith(("gradcam_energy", "gradcam_pointing")))
+    assert metrics["gradcam_energy_over_area_all"] == pytest.approx(
+        metrics["gradcam_energy_inside_all"] / metrics["gradcam_area_fraction_all"])
+    # masks but no mm scale (not the phantom): Zhang et al.'s share of the image side
+    assert metrics["gradcam_pointing_tolerance_px_all"] == pytest.approx(ZHANG_TOLERANCE * 64)
+    assert "gradcam_pointing_tolerance_mm" not in metrics
+    assert (table["pointing_hit"] >= table["pointing_inside"]).all()  # the tolerance only adds hits
+    assert table["randomization_similarity"].between(0, 1).all()
+    assert all(0 <= v <= 1 for k, v in metrics.items()
+               if k.startswith(("gradcam_energy_inside", "gradcam_pointing_hit", "gradcam_pointing_inside")))
 
     run = MlflowClient().get_run(run_id)
     assert run.data.metrics["gradcam/energy_inside_all"] == pytest.approx(metrics["gradcam_energy_inside_all"])
     assert run.data.metrics["gradcam/seconds_per_image"] > 0
-    assert run.data.tags["gradcam.method"] == "gradcam" and run.data.tags["gradcam.target_layer"] == "bn2"
+    # the default target layer, stride4: the stage ending at a quarter of the input (test_efficientnet's blocks.1)
+    assert run.data.tags["gradcam.method"] == "hirescam" and run.data.tags["gradcam.target_layer"] == "blocks.1"
 
     # rerun: same selection, same numbers (ROAD's noise is seeded per image)
     run_gradcam(params, log_to_mlflow=False)
@@ -349,7 +485,9 @@ def test_stage_without_masks_still_scores_perturbation(inputs, tmp_path):
     assert "gradcam_confidence_change_all" in metrics and "gradcam_confidence_change_random_all" in metrics
     assert not any("energy" in k or "pointing" in k for k in metrics)
     # the same columns in every run: no masks, no localisation figure
-    assert json.loads((Path(params.gradcam.out) / "headline.json").read_text()) == {"cam_in": None, "cam_chance": None}
+    headline = json.loads((Path(params.gradcam.out) / "headline.json").read_text())
+    assert headline == {"cam_in": None, "cam_chance": None, "cam_pointing": None,
+                        "cam_random_sim": round(metrics["gradcam_randomization_similarity_all"], 3)}
     table = pd.read_csv(Path(params.gradcam.out) / "images" / "images.csv")
     assert (table["explained"] == "C3").all()
 
@@ -404,7 +542,8 @@ def test_single_image_mode_from_a_file_a_folder_and_a_run_uri(inputs, tmp_path, 
     mean_probs = np.mean([predict_proba(m, ens["image"][None], meta)[0] for m, meta in folds], axis=0)
     assert ens["probs"]["C3"] == pytest.approx(mean_probs[1], abs=1e-5)
     target = int(np.argmax(mean_probs))
-    maps = [explain_image(m, meta, ens["image"], "gradcam", target=target)[0] for m, meta in folds]
+    cfg = params.gradcam
+    maps = [explain_image(m, meta, ens["image"], cfg.method, cfg.target_layer, target=target)[0] for m, meta in folds]
     np.testing.assert_allclose(ens["cam"], np.mean(maps, axis=0) / np.mean(maps, axis=0).max(), atol=1e-5)
 
     # an MLflow URI (the registry's models:/ URIs resolve the same way through src.serving.pyfunc_model)

@@ -312,10 +312,13 @@ class GradcamParams(Section):
     out: str = "reports/gradcam"
     per_class: int = Field(20, ge=1)
     seed: int = 0
-    method: Literal["gradcam", "gradcam++", "hirescam", "layercam", "eigencam", "scorecam", "saliency"] = Field("gradcam",
-        description='gradcam | gradcam++ | hirescam | layercam | eigencam | scorecam | saliency')
-    target_layer: Optional[str] = Field(None,
-        description='null: bn2 for timm EfficientNets, else the last spatial feature map; or a dotted name')
+    method: Literal["gradcam", "gradcam++", "hirescam", "layercam", "eigencam", "scorecam", "saliency"] = Field("hirescam",
+        description='hirescam (chosen by benchmarks/bench_gradcam.py) | gradcam | gradcam++ | layercam | eigencam |\n'
+                    'scorecam | saliency')
+    target_layer: Optional[Union[str, list[str]]] = Field("stride4",
+        description="stride<N>: the output of the network's stage at that stride (stride4: a 32x32 map at\n"
+                    "128 px; chosen by benchmarks/bench_gradcam.py), a dotted module name, a list of those\n"
+                    "(maps fused), or null: the last feature map (bn2 for timm EfficientNets, 4x4 at 128 px)")
     masks: Optional[str] = Field("auto",
         description="ground-truth regions for localisation scores; auto: phantom.masks_out when\ndata.root is the phantom, none otherwise; null: none")
     alpha: float = Field(0.4, ge=0.0, le=1.0, description='heat-map weight in the overlay')
@@ -326,6 +329,12 @@ class GradcamParams(Section):
     road_percentiles: list[int] = Field(default_factory=lambda: [50], min_length=1,
         description='ROAD removal thresholds (paper: 10..90); each adds ~0.4 s/image for B0 at 128 px on CPU')
     batch_size: int = Field(32, ge=1, description='ScoreCAM forward batch')
+    pointing_tolerance_mm: float = Field(4.0, ge=0.0,
+        description="pointing game: a hit when the map's peak lies within this distance of the mask (Zhang et al.'s\n"
+                    "15 px at 224 px is 4 mm on the 60 mm crop); data without a mm scale: 15/224 of the image side")
+    randomization_steps: int = Field(4, ge=0,
+        description='sanity check (Adebayo et al.): maps again with the weights randomised from the top down in\n'
+                    'this many cumulative steps, compared by rank correlation (low is good); 0: off')
 
     @model_validator(mode="after")
     def _percentiles(self):

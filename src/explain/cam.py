@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import io
+import re
 
 import numpy as np
 import torch
@@ -60,9 +61,44 @@ def _spatial_outputs(model: torch.nn.Module, input_shape: tuple[int, ...]) -> li
     return seen
 
 
+def _layer_by_stride(model: torch.nn.Module, stride: int, spatial: list[tuple[str, tuple[int, ...]]],
+                     input_shape: tuple[int, ...]) -> str | None:
+    """The module ending the stage at `stride`: timm's feature_info names it (the stage's output,
+    not an expansion conv inside the next stage); otherwise the last module whose map is the
+    input divided by the stride."""
+    info = getattr(model, "feature_info", None)
+    try:
+        named = [(int(i["reduction"]), i["module"]) for i in info] if info is not None else []
+    except (TypeError, KeyError):  # not timm's list of dicts
+        named = []
+    matches = [module for reduction, module in named if reduction == stride]
+    if matches:
+        return matches[-1]
+    want = tuple(-(-int(v) // stride) for v in input_shape[-2:])
+    # more than one pixel: squeeze-and-excitation convs output (N, C, 1, 1) at every depth
+    fitting = [n for n, shape in spatial if tuple(shape[-2:]) == want and shape[-1] * shape[-2] > 1]
+    return fitting[-1] if fitting else None
+
+
+def resolve_target_layers(model: torch.nn.Module, spec: str | list[str] | None,
+                          input_shape: tuple[int, ...]) -> list[tuple[str, torch.nn.Module]]:
+    """gradcam.target_layer -> [(name, module)]: null (the default), a dotted module name,
+    `stride<N>` (the output of the stage at that stride: `stride8` is a 16x16 map at 128 px,
+    for any timm CNN), or a list of those (the CAM of each, scaled and averaged: multi-layer
+    fusion)."""
+    specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    if not specs:
+        raise BoneHealthError("gradcam.target_layer: an empty list; name a layer, a stride or null")
+    out = [resolve_target_layer(model, s, input_shape) for s in specs]
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise BoneHealthError(f"gradcam.target_layer: {spec!r} names the layer {names} more than once")
+    return out
+
+
 def resolve_target_layer(model: torch.nn.Module, name: str | None, input_shape: tuple[int, ...]) -> tuple[str, torch.nn.Module]:
-    """The layer whose activations the CAM weighs: a dotted name, bn2 for timm EfficientNets,
-    otherwise the last module whose output is still a spatial (N, C, H>1 or W>1) map.
+    """The layer whose activations the CAM weighs: a dotted name, `stride<N>`, bn2 for timm
+    EfficientNets, otherwise the last module whose output is still a spatial (N, C, H>1 or W>1) map.
 
     The spatial condition matters: MobileNetV3-style heads run a 1x1 conv *after* global
     pooling, so "last 4-D output" alone would pick a 1x1 map that explains nothing.
@@ -71,6 +107,14 @@ def resolve_target_layer(model: torch.nn.Module, name: str | None, input_shape: 
     shapes = dict(spatial)
     usable = [n for n, shape in spatial if shape[-1] * shape[-2] > 1]
     default = "bn2" if type(model).__name__ in BN2_MODELS and "bn2" in shapes else (usable[-1] if usable else None)
+    stride = re.fullmatch(r"stride(\d+)", name) if name else None
+    if stride:
+        found = _layer_by_stride(model, int(stride.group(1)), spatial, input_shape)
+        if found is None or found not in shapes:
+            have = sorted({int(input_shape[-1]) // s[-1] for _, s in spatial if s[-1] * s[-2] > 1})
+            raise BoneHealthError(f"gradcam.target_layer: {type(model).__name__} has no stage at {name} for input "
+                                  f"{list(input_shape[-2:])}; strides there: {', '.join(f'stride{s}' for s in have)}")
+        return found, model.get_submodule(found)
     if name:
         names = [n for n, _ in model.named_modules() if n]
         if name not in names:
@@ -110,11 +154,13 @@ def input_gradient_saliency(model: torch.nn.Module, x: torch.Tensor, target: int
     return _normalise(saliency), probs, target
 
 
-def explain_tensor(model: torch.nn.Module, x: torch.Tensor, method: str, layer: torch.nn.Module | None,
+def explain_tensor(model: torch.nn.Module, x: torch.Tensor, method: str,
+                   layer: torch.nn.Module | list[torch.nn.Module] | None,
                    target: int | None = None, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, int]:
     """One input (1, C, h, w) -> (map (h, w) in [0, 1], class probabilities, explained class).
 
-    target None explains the predicted class.
+    target None explains the predicted class.  Several layers: pytorch-grad-cam scales each
+    layer's map to [0, 1] and averages them (multi-layer fusion, as LayerCAM's paper does).
     """
     check_method(method)
     model.eval()
@@ -123,9 +169,10 @@ def explain_tensor(model: torch.nn.Module, x: torch.Tensor, method: str, layer: 
     import pytorch_grad_cam
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    if layer is None:
+    layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+    if not layers or any(m is None for m in layers):
         raise BoneHealthError(f"gradcam.method {method!r} needs a target layer")
-    cam = getattr(pytorch_grad_cam, CAM_CLASSES[method])(model=model, target_layers=[layer])
+    cam = getattr(pytorch_grad_cam, CAM_CLASSES[method])(model=model, target_layers=layers)
     cam.batch_size = batch_size  # only ScoreCAM reads it
     # Not `with cam:`: BaseCAM.__exit__ swallows IndexError and would hide a real failure.
     try:
@@ -154,12 +201,12 @@ def resize_map(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def explain_image(model: torch.nn.Module, meta: CheckpointMeta, image_array: np.ndarray, method: str = "gradcam",
-                  target_layer: str | torch.nn.Module | None = None, target: int | None = None,
+                  target_layer: str | list[str] | torch.nn.Module | None = None, target: int | None = None,
                   batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """A prepared image (H, W) as stored by `prepare` / returned by `preprocess_image` ->
     (heat map (H, W) float32 in [0, 1], class probabilities in meta.classes order).
 
-    target_layer: a dotted module name, a module, or None for the default (bn2 / last spatial map).
+    target_layer: a module, or what gradcam.target_layer takes (resolve_target_layers).
     target: class index to explain; None explains the predicted class.
     """
     image_array = np.asarray(image_array)
@@ -173,13 +220,13 @@ def explain_image(model: torch.nn.Module, meta: CheckpointMeta, image_array: np.
         if isinstance(target_layer, torch.nn.Module):
             layer = target_layer
         else:
-            _, layer = resolve_target_layer(model, target_layer, tuple(x.shape))
+            layer = [m for _, m in resolve_target_layers(model, target_layer, tuple(x.shape))]
     cam, probs, _ = explain_tensor(model, x, method, layer, target=target, batch_size=batch_size)
     return resize_map(cam, image_array.shape), probs
 
 
 def explain_ensemble(members: list[tuple[torch.nn.Module, CheckpointMeta]], image_array: np.ndarray,
-                     method: str = "gradcam", target_layer: str | None = None, target: int | None = None,
+                     method: str = "gradcam", target_layer: str | list[str] | None = None, target: int | None = None,
                      batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """The map of a fold ensemble: each member's map for ONE class (target, else the class of
     the mean probabilities), averaged and rescaled to [0, 1]; returns (map, mean probabilities)."""

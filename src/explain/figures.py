@@ -43,11 +43,28 @@ def caption(pred_class: str, prob: float, true_class: str | None = None) -> str:
     return f"true {true_class} | {text}" if true_class is not None else text
 
 
+Box = tuple[float, float, float, float]  # x, y, w, h in the shown image's pixels
+
+
+def draw_outline(ax, mask: np.ndarray | None = None, box: Box | None = None) -> None:
+    """Where the answer should be: the ground-truth region's outline (phantom masks), else the
+    annotated cortex box; white, thin, so that the heat map under it stays readable."""
+    if mask is not None and np.asarray(mask).any():
+        ax.contour(np.asarray(mask).astype(float), levels=[0.5], colors="white", linewidths=0.8)
+    elif box is not None:
+        from matplotlib.patches import Rectangle
+
+        x, y, w, h = box
+        ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor="white", linewidth=0.8,
+                               linestyle="--"))
+
+
 def save_overlay(path: str | Path, image: np.ndarray, cam: np.ndarray, *, pred_class: str, prob: float,
                  true_class: str | None = None, alpha: float = 0.4, method: str = "gradcam",
-                 mask: np.ndarray | None = None, note: str | None = None) -> Path:
+                 mask: np.ndarray | None = None, box: Box | None = None, note: str | None = None) -> Path:
     """Image | heat map | overlay side by side, titled with the true class (if known), the
-    predicted class and its probability; the ground-truth region's outline when a mask is given."""
+    predicted class and its probability; the ground-truth region's outline when a mask is
+    given, else the cortex box when one is."""
     plt = pyplot()
     image = to_unit(image)
     # A fixed layout instead of tight_layout, which costs more than the CAM itself on a CPU.
@@ -60,9 +77,8 @@ def save_overlay(path: str | Path, image: np.ndarray, cam: np.ndarray, *, pred_c
     fig.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.04)
     axes[2].imshow(overlay(image, cam, alpha))
     axes[2].set_title("overlay")
-    if mask is not None and np.asarray(mask).any():
-        for ax in (axes[0], axes[2]):
-            ax.contour(np.asarray(mask).astype(float), levels=[0.5], colors="white", linewidths=0.8)
+    for ax in (axes[0], axes[2]):
+        draw_outline(ax, mask, box)
     for ax in axes:
         ax.set_axis_off()
     fig.suptitle(caption(pred_class, prob, true_class) + (f"\n{note}" if note else ""), fontsize=10)
@@ -78,6 +94,8 @@ class SheetItem:
     image: np.ndarray
     cam: np.ndarray
     label: str
+    mask: np.ndarray | None = None
+    box: Box | None = None
 
 
 SHEET_PANEL = 2.4          # inches per panel (width = height)
@@ -154,6 +172,7 @@ def contact_sheet(items: Sequence[SheetItem], title: str, alpha: float = 0.4, co
         ax.set_axis_off()
     for ax, item, text in zip(axes.flat, items, captions):
         ax.imshow(overlay(item.image, item.cam, alpha))
+        draw_outline(ax, item.mask, item.box)
         ax.set_title(text, fontsize=SHEET_CAPTION_PT, pad=3)
     fig.suptitle("\n".join(title_lines), fontsize=SHEET_TITLE_PT, y=1 - 0.1 / height, va="top")
     return fig

@@ -34,7 +34,7 @@ from src.artifacts.metrics_file import (
     write_metrics,
 )
 from src.artifacts.model_ref import checkpoint_dirs
-from src.artifacts.source_data import AUTO, is_within
+from src.artifacts.source_data import AUTO, is_within, mm_per_pixel
 from src.artifacts.store import MANIFEST_FILE, PreparedStore
 from src.core.config import GradcamParams, Params
 from src.core.errors import BoneHealthError, DataError
@@ -47,15 +47,17 @@ from src.explain.cam import (
     explain_ensemble,
     explain_tensor,
     resize_map,
-    resolve_target_layer,
+    resolve_target_layers,
 )
 from src.explain.faithfulness import (
     ZERO_BASELINE,
     localisation,
     perturbation_score,
     random_map,
+    ratios,
     summarise,
 )
+from src.explain.sanity import CascadeStep, randomised_cascade, rank_similarity
 from src.explain.figures import SheetItem, caption, save_contact_sheet, save_overlay
 from src.model.factory import load_checkpoint, to_input
 
@@ -69,11 +71,18 @@ EXAMPLE_FILE = "example.png"
 # One contact sheet per class, `<class>.png`, in a folder of their own: dvc.yaml declares the
 # folder as image plots whatever the classes are called.  Leading underscore: never a class.
 SHEETS_DIR = "_contact_sheets"
-LOCALISATION_KEYS = ("energy_inside", "pointing_hit", "area_fraction")
-# headline.json (the DVC metric; `make exp`): the localisation figure, the share of the maps'
-# energy inside the ground-truth region, beside what a map spread evenly would put there (the
-# region's share of the image).  Null without masks.
-HEADLINE = {"cam_in": METRIC_PREFIX + "energy_inside_all", "cam_chance": METRIC_PREFIX + "area_fraction_all"}
+LOCALISATION_KEYS = ("energy_inside", "pointing_hit", "pointing_inside", "area_fraction", "pointing_tolerance_px")
+RANDOMIZATION_KEY = "randomization_similarity"
+# Zhang et al.'s pointing tolerance, 15 px at 224 px, as a share of the image side: used where
+# the pixel size in mm is unknown.
+ZHANG_TOLERANCE = 15 / 224
+# headline.json (the DVC metric; `make exp`): the localisation figures - the share of the maps'
+# energy inside the ground-truth region beside what a map spread evenly would put there (the
+# region's share of the image), and the pointing game - null without masks; and the sanity
+# check's similarity to maps of randomised models (null when off).
+HEADLINE = {"cam_in": METRIC_PREFIX + "energy_inside_all", "cam_chance": METRIC_PREFIX + "area_fraction_all",
+            "cam_pointing": METRIC_PREFIX + "pointing_hit_all",
+            "cam_random_sim": METRIC_PREFIX + RANDOMIZATION_KEY + "_all"}
 
 
 # ------------------------------------------------------------------ selection and the OOF rule
@@ -101,9 +110,14 @@ class FoldModel:
     directory: Path
     model: torch.nn.Module
     meta: CheckpointMeta
-    layer_name: str | None
-    layer: torch.nn.Module | None
-    test_indices: set[int] | None  # from test_predictions.csv when present
+    layer_names: list[str]           # empty for saliency
+    test_indices: set[int] | None    # from test_predictions.csv when present
+    cascade: list[CascadeStep] | None = None  # randomised copies, built on first use
+
+    def layers(self, model: torch.nn.Module | None = None) -> list[torch.nn.Module] | None:
+        """The target layers of `model` (this fold's, or a randomised copy of it)."""
+        model = self.model if model is None else model
+        return [model.get_submodule(n) for n in self.layer_names] or None
 
 
 def load_fold_model(train_out: Path, fold: int, store: PreparedStore, cfg: GradcamParams, device) -> FoldModel:
@@ -124,11 +138,11 @@ def load_fold_model(train_out: Path, fold: int, store: PreparedStore, cfg: Gradc
     test_indices = None
     if (directory / PREDICTIONS_FILE).is_file():
         test_indices = set(read_fold_predictions(train_out, fold)["index"].astype(int))
-    layer_name, layer = None, None
+    names: list[str] = []
     if cfg.method != "saliency":
         shape = (1, meta.in_chans, *[int(v) for v in (meta.input_size or store.meta["size"])])
-        layer_name, layer = resolve_target_layer(model, cfg.target_layer, shape)
-    return FoldModel(fold, directory, model, meta, layer_name, layer, test_indices)
+        names = [name for name, _ in resolve_target_layers(model, cfg.target_layer, shape)]
+    return FoldModel(fold, directory, model, meta, names, test_indices)
 
 
 def out_of_fold_model(models: dict[int, FoldModel], store: PreparedStore, row: int) -> FoldModel:
@@ -179,6 +193,24 @@ def mask_for(store: PreparedStore, row: int, masks_root: str | Path) -> np.ndarr
     return resize(mask.astype(np.float32), size) >= 0.5
 
 
+def stored_box(store: PreparedStore, row: int) -> tuple[float, float, float, float] | None:
+    """The annotated cortex box of store image `row` in stored-image pixels (x, y, w, h), for
+    figures of data without masks; None when the image has no box."""
+    rec = store.manifest.iloc[row]
+    if not all(c in rec and pd.notna(rec[c]) for c in ("box_x", "box_y", "box_w", "box_h")):
+        return None
+    height, width = (int(v) for v in store.images.shape[1:3])
+    if store.meta.get("mode") == "crop":
+        if any(pd.isna(rec.get(c)) for c in ("crop_x0", "crop_y0", "crop_side")):
+            return None
+        sx = sy = width / float(rec["crop_side"])
+        x0, y0 = float(rec["crop_x0"]), float(rec["crop_y0"])
+    else:
+        sx, sy, x0, y0 = width / float(rec["src_width"]), height / float(rec["src_height"]), 0.0, 0.0
+    return ((float(rec["box_x"]) - x0) * sx, (float(rec["box_y"]) - y0) * sy, float(rec["box_w"]) * sx,
+            float(rec["box_h"]) * sy)
+
+
 # ----------------------------------------------------------------------------- the stage
 def _target_class(cfg: GradcamParams, store: PreparedStore, label: int) -> int | None:
     if cfg.target == "true":
@@ -201,14 +233,45 @@ def _output_name(file: str, cls: str, taken: set[str]) -> str:
     return name
 
 
-def explain_row(fm: FoldModel, store: PreparedStore, row: int, cfg: GradcamParams, mask: np.ndarray | None) -> tuple[dict, np.ndarray]:
-    """One stored image through its OOF model: the table row and the map at stored size."""
+def pointing_tolerance_px(store: PreparedStore, row: int, tolerance_mm: float, mm_src: float | None) -> float:
+    """gradcam.pointing_tolerance_mm in stored-image pixels of store image `row`; without a
+    mm scale (real data), Zhang et al.'s 15 px at 224 px as a share of the image side."""
+    size = tuple(int(v) for v in store.images.shape[1:3])
+    if mm_src is None or not np.isfinite(mm_src) or mm_src <= 0:
+        return ZHANG_TOLERANCE * max(size)
+    rec = store.manifest.iloc[row]
+    if store.meta.get("mode") == "crop":
+        stored_per_src = size[1] / float(rec["crop_side"])
+    else:
+        stored_per_src = size[1] / float(rec["src_width"])
+    return float(tolerance_mm * stored_per_src / mm_src)
+
+
+def randomization_similarity(fm: FoldModel, x: torch.Tensor, cam_in: np.ndarray, target: int,
+                             cfg: GradcamParams) -> float:
+    """The mean |rank correlation| of the map with the maps of the fold model randomised from
+    the top down (src/explain/sanity.py), explaining the same class."""
+    if fm.cascade is None:
+        fm.cascade = randomised_cascade(fm.model, cfg.randomization_steps, seed=cfg.seed)
+    values = []
+    for step in fm.cascade:
+        other, _, _ = explain_tensor(step.model, x, cfg.method, fm.layers(step.model), target=target,
+                                     batch_size=cfg.batch_size)
+        values.append(rank_similarity(cam_in, other))
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def explain_row(fm: FoldModel, store: PreparedStore, row: int, cfg: GradcamParams, mask: np.ndarray | None,
+                mm_src: float | None = None) -> tuple[dict, np.ndarray]:
+    """One stored image through its OOF model: the table row and the map at stored size.
+    mm_src: mm per source pixel when known (the pointing game's tolerance is set in mm)."""
     image = np.asarray(store.images[row])
     rec = store.manifest.iloc[row]
     device = next(fm.model.parameters()).device
     x = to_input(image, fm.meta, device=device)
     started = time.perf_counter()
-    cam_in, probs, target = explain_tensor(fm.model, x, cfg.method, fm.layer,
+    cam_in, probs, target = explain_tensor(fm.model, x, cfg.method, fm.layers(),
                                            target=_target_class(cfg, store, int(rec["label"])), batch_size=cfg.batch_size)
     seconds = time.perf_counter() - started
     cam = resize_map(cam_in, image.shape)
@@ -223,7 +286,8 @@ def explain_row(fm: FoldModel, store: PreparedStore, row: int, cfg: GradcamParam
     for c, name in enumerate(store.classes):
         out[f"prob_{name}"] = float(probs[c])
     if mask is not None:
-        out.update(localisation(cam, mask))
+        tolerance = pointing_tolerance_px(store, row, cfg.pointing_tolerance_mm, mm_src)
+        out.update(localisation(cam, mask, tolerance), pointing_tolerance_px=tolerance)
     if cfg.perturbation != "none":
         # ROAD's imputer adds torch noise: seed it per image so reruns give the same numbers.
         torch.manual_seed(cfg.seed * 100_003 + out["index"])
@@ -232,6 +296,8 @@ def explain_row(fm: FoldModel, store: PreparedStore, row: int, cfg: GradcamParam
             rng = np.random.default_rng([cfg.seed, out["index"]])
             out[f"{cfg.perturbation}_random"] = perturbation_score(
                 fm.model, x, random_map(cam_in.shape, rng), target, cfg.perturbation, cfg.road_percentiles)
+    if cfg.randomization_steps:
+        out[RANDOMIZATION_KEY] = randomization_similarity(fm, x, cam_in, target, cfg)
     return out, cam
 
 
@@ -252,6 +318,7 @@ def run_gradcam(params: Params, *, log_to_mlflow: bool = True) -> dict[str, floa
     chosen = select_images(store, cfg.per_class, cfg.seed)
     folds_needed = sorted({int(store.folds[r]) for rows in chosen.values() for r in rows})
     models = {k: load_fold_model(Path(params.train.out), k, store, cfg, device) for k in folds_needed}
+    mm_src = mm_per_pixel(params, store.manifest["src_width"].to_numpy()) if masks_root is not None else None
 
     rows: list[dict[str, Any]] = []
     # The figures folder is swapped in whole; metrics.json is written last inside that block,
@@ -267,15 +334,17 @@ def run_gradcam(params: Params, *, log_to_mlflow: bool = True) -> dict[str, floa
                 log.info("gradcam %d/%d: %s", done, total, store.manifest["file"].iloc[int(row)])
                 fm = out_of_fold_model(models, store, int(row))
                 mask = mask_for(store, int(row), masks_root) if masks_root is not None else None
-                rec, cam = explain_row(fm, store, int(row), cfg, mask)
+                rec, cam = explain_row(fm, store, int(row), cfg, mask,
+                                       None if mm_src is None else float(mm_src[int(row)]))
+                box = None if mask is not None else stored_box(store, int(row))
                 name = _output_name(rec["file"], cls, taken)
                 rec["png"] = f"{cls}/{name}"
                 note = _note(rec, cfg)
                 save_overlay(tmp / cls / name, store.images[row], cam, pred_class=rec["predicted"],
                              prob=rec["prob_predicted"], true_class=cls, alpha=cfg.alpha, method=cfg.method,
-                             mask=mask, note=note)
+                             mask=mask, box=box, note=note)
                 label = f"{Path(rec['file']).stem}\n{caption(rec['predicted'], rec['prob_predicted'], cls)}"
-                sheet.append(SheetItem(np.asarray(store.images[row]), cam, label))
+                sheet.append(SheetItem(np.asarray(store.images[row]), cam, label, mask=mask, box=box))
                 rows.append(rec)
             if sheet:
                 save_contact_sheet(tmp / SHEETS_DIR / f"{cls}.png", sheet,
@@ -287,8 +356,13 @@ def run_gradcam(params: Params, *, log_to_mlflow: bool = True) -> dict[str, floa
         keys = ["correct", *(LOCALISATION_KEYS if masks_root is not None else ())]
         if cfg.perturbation != "none":
             keys += [cfg.perturbation] + ([] if cfg.perturbation in ZERO_BASELINE else [f"{cfg.perturbation}_random"])
-        metrics = with_provenance({METRIC_PREFIX + k: v for k, v in summarise(rows, store.classes, keys).items()},
-                                  provenance)
+        if cfg.randomization_steps:
+            keys.append(RANDOMIZATION_KEY)
+        summary = summarise(rows, store.classes, keys)
+        summary.update(ratios(summary, [*store.classes, "all"]))
+        if masks_root is not None and mm_src is not None:
+            summary["pointing_tolerance_mm"] = float(cfg.pointing_tolerance_mm)
+        metrics = with_provenance({METRIC_PREFIX + k: v for k, v in summary.items()}, provenance)
         atomic_write_text(tmp / IMAGES_FILE, pd.DataFrame(rows).drop(columns=["seconds_cam"]).to_csv(index=False))
         seconds = float(np.mean([r["seconds_cam"] for r in rows])) if rows else math.nan
         if client is not None:
@@ -315,7 +389,7 @@ def _log_to_parent(client, run_id: str, folder: Path, metrics: dict[str, float],
     now = int(time.time() * 1000)
     # numbers only (not the provenance strings), the seconds when measured
     logged = mlflow_metrics({**metrics, METRIC_PREFIX + "seconds_per_image": seconds})
-    layers = sorted({fm.layer_name or "input" for fm in models.values()})
+    layers = sorted({"+".join(fm.layer_names) or "input" for fm in models.values()})
     tags = {"gradcam.method": cfg.method, "gradcam.target_layer": ",".join(layers), "gradcam.target": cfg.target,
             "gradcam.perturbation": cfg.perturbation}
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in logged.items()],

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from src.artifacts.metrics_file import clean, write_headline, write_metrics
-from src.artifacts.source_data import is_within
+from src.artifacts.source_data import is_within, mm_per_pixel
 from src.artifacts.store import PreparedStore
 from src.core import tracking
 from src.core.code_hash import code_fingerprint
@@ -105,13 +105,6 @@ def other_side_boxes(params: Params, store: PreparedStore, boxes: np.ndarray) ->
         if all(f.is_file() for f in files):
             return anatomical_mirror_boxes(boxes, [read_image(f) > 0.5 for f in files]), "phantom masks"
     return mirror_box(boxes, store.manifest["src_width"].to_numpy(np.float64)), "image mirror"
-
-
-def mm_per_pixel(params: Params, src_width: np.ndarray) -> np.ndarray | None:
-    """mm per source pixel where the geometry is known (the phantom's detector width)."""
-    if is_within(params.data.root, params.phantom.out):
-        return params.phantom.field_width_mm / np.asarray(src_width, dtype=np.float64)
-    return None
 
 
 def figures(prefix: str, scores: dict[str, np.ndarray], has_mm: bool) -> dict[str, float]:
