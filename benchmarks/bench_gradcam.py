@@ -150,7 +150,8 @@ def main() -> None:
                                  "cpu") for k in sorted({int(store.folds[r]) for r in rows})}
     masks_root = masks_folder(params)
     masks = {r: mask_for(store, r, masks_root) for r in rows} if masks_root is not None else {}
-    mm = mm_per_pixel(params, store.manifest["src_width"].to_numpy()) if masks else None
+    mm = mm_per_pixel(params.data.root, params.phantom.out, params.phantom.field_width_mm,
+                      store.manifest["src_width"].to_numpy()) if masks else None
     first = next(iter(models.values()))
     forward = forward_seconds(first.model, to_input(np.asarray(store.images[rows[0]]), first.meta))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -10,12 +10,8 @@ the file of that name inside data.root when it is there, none otherwise.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from src.core.config import Params
 
 AUTO = "auto"
 MANIFEST_NAME = "manifest.csv"
@@ -36,9 +32,11 @@ def sidecar(setting: str | None, root: str | Path, name: str) -> Path | None:
     return Path(setting) if setting else None
 
 
-def mm_per_pixel(params: "Params", src_width: np.ndarray) -> np.ndarray | None:
-    """mm per source pixel where the geometry is known (the phantom's detector width); None on
-    real data, whose files carry no trustworthy pixel spacing here."""
-    if is_within(params.data.root, params.phantom.out):
-        return params.phantom.field_width_mm / np.asarray(src_width, dtype=np.float64)
+def mm_per_pixel(data_root: str | Path, phantom_out: str | Path, field_width_mm: float,
+                 src_width: np.ndarray) -> np.ndarray | None:
+    """mm per source pixel where the geometry is known: data.root is the phantom (its detector
+    is phantom.field_width_mm wide); None on real data, whose files carry no trustworthy pixel
+    spacing here."""
+    if is_within(data_root, phantom_out):
+        return field_width_mm / np.asarray(src_width, dtype=np.float64)
     return None

@@ -318,7 +318,8 @@ def run_gradcam(params: Params, *, log_to_mlflow: bool = True) -> dict[str, floa
     chosen = select_images(store, cfg.per_class, cfg.seed)
     folds_needed = sorted({int(store.folds[r]) for rows in chosen.values() for r in rows})
     models = {k: load_fold_model(Path(params.train.out), k, store, cfg, device) for k in folds_needed}
-    mm_src = mm_per_pixel(params, store.manifest["src_width"].to_numpy()) if masks_root is not None else None
+    mm_src = mm_per_pixel(params.data.root, params.phantom.out, params.phantom.field_width_mm,
+                          store.manifest["src_width"].to_numpy()) if masks_root is not None else None
 
     rows: list[dict[str, Any]] = []
     # The figures folder is swapped in whole; metrics.json is written last inside that block,

@@ -291,7 +291,7 @@ def run_locate(params: Params, resume: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
     data = annotated(store, store.meta["data_root"], tuple(cfg.size))
     mirrors, other_side = other_side_boxes(params, store, data.boxes)
-    mm = mm_per_pixel(params, data.src_hw[:, 1])
+    mm = mm_per_pixel(params.data.root, params.phantom.out, params.phantom.field_width_mm, data.src_hw[:, 1])
     fp = fingerprint(cfg, store)
     with parent_run(params, store, fp, resume):
         models, peaks, seconds = fold_models(params, store, data, fp, resume, mirrors, mm)
