@@ -607,3 +607,25 @@ def test_contact_sheet_title_and_captions_never_overlap_the_images(tmp_path):
     path = save_contact_sheet(tmp_path / "sheet.png", [SheetItem(image, cam, "x")], "t")
     with Image.open(path) as img:
         assert img.format == "PNG"
+
+
+def test_figures_outline_the_mask_else_the_crop_box():
+    """Where the answer should be: the phantom's cortex outline, else (real data) the annotated box."""
+    from matplotlib.patches import Rectangle
+
+    from src.core.plotting import pyplot
+
+    rng = np.random.default_rng(0)
+    image, cam = (rng.random((40, 40)) * 255).astype(np.uint8), rng.random((40, 40)).astype(np.float32)
+    mask = np.zeros((40, 40), bool)
+    mask[20:24, 5:35] = True
+    items = [SheetItem(image, cam, "mask", mask=mask), SheetItem(image, cam, "box", box=(5.0, 20.0, 30.0, 4.0)),
+             SheetItem(image, cam, "neither")]
+    fig = contact_sheet(items, "outlines")
+    panels = [ax for ax in fig.axes if ax.images]
+    rectangles = [[p for p in ax.patches if isinstance(p, Rectangle)] for ax in panels]
+    assert len(panels[0].collections) >= 1 and not rectangles[0]  # a contour, no box
+    assert not panels[1].collections and len(rectangles[1]) == 1
+    assert rectangles[1][0].get_width() == 30.0 and rectangles[1][0].get_xy() == (4.5, 19.5)  # pixel edges
+    assert not panels[2].collections and not rectangles[2]
+    pyplot().close(fig)
