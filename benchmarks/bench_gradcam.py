@@ -22,7 +22,6 @@ costs ~50 s per map on 2 cores, so it is measured at the finer strides only.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys

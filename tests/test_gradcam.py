@@ -33,7 +33,6 @@ from src.explain.faithfulness import (
     ratios,
     summarise,
 )
-from src.explain.sanity import cascade_groups, cut_points, randomised_cascade, rank_similarity
 from src.explain.figures import (
     SheetItem,
     contact_sheet,
@@ -49,6 +48,12 @@ from src.explain.oof_explain import (
     run_gradcam,
     select_images,
     stored_box,
+)
+from src.explain.sanity import (
+    cascade_groups,
+    cut_points,
+    randomised_cascade,
+    rank_similarity,
 )
 from src.gradcam import main
 from src.model.factory import create_model, load_checkpoint, predict_proba

@@ -57,8 +57,8 @@ from src.explain.faithfulness import (
     ratios,
     summarise,
 )
-from src.explain.sanity import CascadeStep, randomised_cascade, rank_similarity
 from src.explain.figures import SheetItem, caption, save_contact_sheet, save_overlay
+from src.explain.sanity import CascadeStep, randomised_cascade, rank_similarity
 from src.model.factory import load_checkpoint, to_input
 
 log = logging.getLogger(__name__)
