@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from src.artifacts.store import PreparedStore  # noqa: E402
 from src.core.config import add_params_args, params_from_args  # noqa: E402
+from src.core.fileio import atomic_write_json  # noqa: E402
 from src.core.runtime import amp_dtype, autocast_context, select_device  # noqa: E402
-from src.data.augment import build_augment  # noqa: E402
 from src.data.batches import BatchSource, batches_of  # noqa: E402
-from src.model.engine import build_engine, run_epoch  # noqa: E402
+from src.model.engine import attach_augmentation, build_engine, run_epoch  # noqa: E402
 from src.model.fit import checkpoint_meta  # noqa: E402
 
 
@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--store", default=None, help="prepared store (default: prepare.out)")
     parser.add_argument("--synthetic", action="store_true", help="random store of the params' size")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file (gpu_check.sh)")
+    parser.add_argument("--profile", default=None, help="a name for the JSON record")
     args = parser.parse_args(argv)
     params = params_from_args(args)
     cfg = params.train
@@ -116,11 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.seed)
     meta = checkpoint_meta(params, store, fold=0)
     engine = build_engine(cfg, meta, device, store.labels)
-    source = BatchSource(store, build_augment(cfg.augment, seed=cfg.seed))
+    # the trainer's own choice: augmentation on the device when it is a GPU (train.augment.runs_on)
+    source = attach_augmentation(engine, store, cfg, seed=cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     need = cfg.batch_size * args.batches
     rows = np.resize(rng.permutation(len(store.images)), need)
-    chunks = list(batches_of(rows, cfg.batch_size))
+    chunks = list(batches_of(rows, cfg.batch_size, fixed_shape=device.type == "cuda"))
 
     h, w = meta.input_size
     x = torch.randn(cfg.batch_size, cfg.in_chans, h, w, device=device)
@@ -154,10 +157,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trainer: {t:.1f} img/s")
     print(f"bare:    {b:.1f} img/s")
     print(f"ratio:   {ratio:.3f}  (median of per-round ratios; target >= 0.90)")
+    peak = None
     if device.type == "cuda":
         # What a GPU must hold to train this profile: weights, optimiser state, activations, EMA.
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        print(f"peak GPU memory: {peak:.2f} GiB allocated, "
               f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved by the caching allocator")
+    if args.json:
+        atomic_write_json(Path(args.json), {
+            "profile": args.profile or cfg.model, "model": cfg.model, "input": [h, w, cfg.in_chans],
+            "batch_size": cfg.batch_size, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+            "augment_on_device": engine.augment is not None, "trainer_img_s": t, "bare_img_s": b,
+            "trainer_over_bare": ratio, "trainer_rounds": trainer, "bare_rounds": bare, "peak_gpu_gib": peak,
+            "store": origin})
     tmp.cleanup()
     return 0
 

@@ -180,6 +180,9 @@ class AugmentParams(Section):
     clahe: float = Field(0.0, ge=0.0, le=1.0)
     noise: float = Field(0.2, ge=0.0, le=1.0)
     blur: float = Field(0.1, ge=0.0, le=1.0)
+    runs_on: Literal["auto", "cpu", "device"] = Field("auto",
+        description='auto: on the GPU when training on one (batched torch ops, src/data/device_augment.py),\n'
+                    'else per image on the CPU (albumentations); device: the torch ops on any device')
 
 
 class TrainParams(Section):

@@ -36,12 +36,15 @@ def epoch_order(rows: np.ndarray, labels: np.ndarray, balance: str, rng: np.rand
     return rng.permutation(rows)
 
 
-def batches_of(order: np.ndarray, batch_size: int, world: int = 1) -> Iterator[np.ndarray]:
+def batches_of(order: np.ndarray, batch_size: int, world: int = 1, fixed_shape: bool = False) -> Iterator[np.ndarray]:
     """Global batches; a short last one is dropped when some process would get under one image
-    (or BatchNorm a single sample): one dropped image per epoch is harmless."""
+    (or BatchNorm a single sample): one dropped image per epoch is harmless.  fixed_shape drops
+    any short last batch (GPU: cudnn.benchmark tunes its kernels per input shape, and a new
+    shape at every epoch's end would tune them again); the epoch's order is reshuffled, so no
+    image is left out for good."""
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        if len(chunk) >= max(2, world) or start == 0:
+        if start == 0 or (len(chunk) >= max(2, world) and (len(chunk) == batch_size or not fixed_shape)):
             yield chunk
 
 

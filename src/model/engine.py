@@ -18,9 +18,19 @@ from tqdm import tqdm
 from src.artifacts.checkpoint import CheckpointMeta
 from src.core.config import TrainParams
 from src.core.runtime import amp_dtype, autocast_context
+from src.data.augment import build_augment
 from src.data.batches import BatchSource, iterate
+from src.data.device_augment import DeviceAugment, build_device_augment
 from src.model.distributed import Dist, unwrap, wrap
-from src.model.factory import create_model, host_to_device, reset_head, to_input
+from src.model.factory import (
+    create_model,
+    host_to_device,
+    normalise_input,
+    reset_head,
+    to_input,
+    to_unit,
+)
+from src.model.prefetch import Prefetched, prefetch
 from src.model.schedules import warmup_cosine
 
 
@@ -88,6 +98,8 @@ class Engine:
     dist: Dist = field(default_factory=Dist)
     class_weight: np.ndarray | None = None  # host copy of the criterion's weights, for the normaliser
     steps: int = 0
+    augment: DeviceAugment | None = None   # train.augment on the device (runs_on), else None
+    augment_generator: torch.Generator | None = None
 
     @property
     def net(self) -> torch.nn.Module:
@@ -106,13 +118,27 @@ class Engine:
     def to_tensor(self, images: np.ndarray) -> torch.Tensor:
         return to_input(images, self.meta, device=self.device, channels_last=self.channels_last)
 
-    def train_step(self, images: np.ndarray, labels: np.ndarray, denominator: float | None = None) -> torch.Tensor:
-        """One step on this process's `images`; `denominator` is the global batch's
-        `loss_denominator` (default: these labels').  Returns this process's share of the
-        global batch's mean loss (the shares of all processes add up to it) as a 0-d tensor
-        on the device: reading it is a GPU sync, so callers do that once in a while."""
-        x = self.to_tensor(images)
-        y = host_to_device(np.asarray(labels, dtype=np.int64), self.device)
+    def train_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """A training batch as the network's input, augmented here when train.augment runs on
+        the device (a host batch was augmented on the CPU already)."""
+        x = to_unit(images, self.device)
+        if self.augment is not None:
+            x = self.augment(x, self.augment_generator)
+        return normalise_input(x, self.meta, self.channels_last)
+
+    def train_step(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                   denominator: float | None = None) -> torch.Tensor:
+        """One step on this process's `images` (a host batch, or tensors already on the device);
+        `denominator` is the global batch's `loss_denominator` (default: these labels').
+        Returns this process's share of the global batch's mean loss (the shares of all
+        processes add up to it) as a 0-d tensor on the device: reading it is a GPU sync, so
+        callers do that once in a while."""
+        x = self.train_input(images)
+        if isinstance(labels, torch.Tensor):
+            y = labels.to(self.device, non_blocking=True)
+            labels = labels.cpu().numpy() if denominator is None else labels
+        else:
+            y = host_to_device(np.asarray(labels, dtype=np.int64), self.device)
         denom = denominator if denominator is not None else self.loss_denominator(labels)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast_context(self.device, self.amp):
@@ -196,6 +222,22 @@ def build_engine(cfg: TrainParams, meta: CheckpointMeta, device: torch.device, t
     )
 
 
+def augment_on_device(cfg: TrainParams, device: torch.device) -> bool:
+    """Where train.augment runs: `auto` puts it on the GPU when training on one."""
+    runs_on = cfg.augment.runs_on
+    return runs_on == "device" or (runs_on == "auto" and torch.device(device).type == "cuda")
+
+
+def attach_augmentation(engine: Engine, store, cfg: TrainParams, seed: int) -> BatchSource:
+    """The training batches' source, with train.augment on the CPU (albumentations in the
+    source) or on the device (in the engine, its generator seeded like the CPU path's)."""
+    if augment_on_device(cfg, engine.device):
+        engine.augment = build_device_augment(cfg.augment)
+        engine.augment_generator = torch.Generator(device=engine.device).manual_seed(seed)
+        return BatchSource(store, None)
+    return BatchSource(store, build_augment(cfg.augment, seed=seed))
+
+
 def run_epoch(engine: Engine, source: BatchSource, chunks: list[np.ndarray], *, num_workers: int = 0,
               seed: int = 0, schedule: Schedule | None = None, desc: str = "train") -> tuple[float, float]:
     """One pass over the global batches `chunks` in train mode (each process takes its shard of
@@ -210,7 +252,10 @@ def run_epoch(engine: Engine, source: BatchSource, chunks: list[np.ndarray], *, 
     bar = tqdm(total=sum(len(c) for c in chunks), desc=desc, unit="img", leave=False, file=sys.stderr,
                dynamic_ncols=True, mininterval=1.0, disable=not ctx.is_main)
     try:
-        for step, (chunk, (images, labels)) in enumerate(zip(chunks, iterate(source, shards, num_workers, seed))):
+        # On a GPU the next batch crosses on a side stream while this one trains (src/model/prefetch.py).
+        batches = prefetch(iterate(source, shards, num_workers, seed), engine.device)
+        for step, (chunk, batch) in enumerate(zip(chunks, batches)):
+            images, labels = (batch.images, batch.labels) if isinstance(batch, Prefetched) else batch
             share = engine.train_step(images, labels, engine.loss_denominator(labels_all[chunk]))
             if schedule is not None:
                 schedule.step_batch()

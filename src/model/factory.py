@@ -110,9 +110,15 @@ def host_to_device(arr: np.ndarray, device: str | torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def to_input(images: np.ndarray, meta: CheckpointMeta, device: str | torch.device = "cpu",
-             channels_last: bool = False) -> torch.Tensor:
-    """Prepared grey images (N,H,W) or (H,W), uint8/uint16/float -> normalised (N,C,h,w) float tensor."""
+def to_unit(images: np.ndarray | torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Prepared grey images (N,H,W) or (H,W), uint8/uint16/float (a host array, or a tensor
+    already on the device) -> (N,1,H,W) float32 in [0, 1] on `device`."""
+    if isinstance(images, torch.Tensor):
+        t = images.to(device, non_blocking=True)
+        if t.ndim == 2:
+            t = t[None]
+        scale = {torch.uint8: 255.0, torch.int32: 65535.0, torch.uint16: 65535.0}.get(t.dtype)
+        return (t.float() / scale if scale else t.float()).unsqueeze(1)
     arr = np.asarray(images)
     if arr.ndim == 2:
         arr = arr[None]
@@ -124,7 +130,12 @@ def to_input(images: np.ndarray, meta: CheckpointMeta, device: str | torch.devic
         x = host_to_device(arr.astype(np.int32), device).float() / 65535.0  # torch lacks uint16 ops
     else:
         x = host_to_device(arr.astype(np.float32, copy=False), device)
-    x = x.unsqueeze(1)
+    return x.unsqueeze(1)
+
+
+def normalise_input(x: torch.Tensor, meta: CheckpointMeta, channels_last: bool = False) -> torch.Tensor:
+    """(N,1,H,W) in [0, 1] -> the network's input: resized to meta.input_size, normalised,
+    expanded to its channels."""
     size = tuple(meta.input_size or x.shape[-2:])
     if tuple(x.shape[-2:]) != size:
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
@@ -134,6 +145,12 @@ def to_input(images: np.ndarray, meta: CheckpointMeta, device: str | torch.devic
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def to_input(images: np.ndarray | torch.Tensor, meta: CheckpointMeta, device: str | torch.device = "cpu",
+             channels_last: bool = False) -> torch.Tensor:
+    """Prepared grey images (N,H,W) or (H,W), uint8/uint16/float -> normalised (N,C,h,w) float tensor."""
+    return normalise_input(to_unit(images, device), meta, channels_last)
 
 
 @torch.no_grad()

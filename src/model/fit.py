@@ -28,12 +28,17 @@ from src.artifacts.store import PreparedStore
 from src.core.config import Params, TrainParams
 from src.core.errors import BoneHealthError, DataError
 from src.core.runtime import seed_everything, select_device, set_threads
-from src.data.augment import build_augment
-from src.data.batches import BatchSource, batches_of, epoch_order
+from src.data.batches import batches_of, epoch_order
 from src.data.splits import fold_split
 from src.evaluation.metrics import auc_score
 from src.model.distributed import Dist
-from src.model.engine import Engine, Schedule, build_engine, run_epoch
+from src.model.engine import (
+    Engine,
+    Schedule,
+    attach_augmentation,
+    build_engine,
+    run_epoch,
+)
 
 log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, dict], None]
@@ -137,13 +142,14 @@ def _fit(params: Params, store: PreparedStore, meta: CheckpointMeta, train_rows:
     if len(np.unique(labels[train_rows])) < len(store.classes):
         raise DataError(f"{store.root}: the training part of {label} lacks a class; need more patients per class")
 
-    steps_per_epoch = max(1, sum(1 for _ in batches_of(train_rows, cfg.batch_size, ctx.world)))
+    fixed = device.type == "cuda"  # cudnn.benchmark: one batch shape (src/data/batches.py)
+    steps_per_epoch = max(1, sum(1 for _ in batches_of(train_rows, cfg.batch_size, ctx.world, fixed)))
     engine = build_engine(cfg, meta, device, labels[train_rows], ctx, total_steps=steps_per_epoch * cfg.epochs)
     if ctx.active:
         # Same initial weights everywhere (above), but each rank its own dropout masks.
         torch.manual_seed(seed + 1_000_003 * ctx.rank)
     schedule = Schedule(engine.optimizer, cfg, steps_per_epoch)
-    source = BatchSource(store, build_augment(cfg.augment, seed=seed + 7919 * ctx.rank))
+    source = attach_augmentation(engine, store, cfg, seed=seed + 7919 * ctx.rank)
     val_images, val_labels = store.images[val_rows], labels[val_rows]
     rng = np.random.default_rng(seed)
 
@@ -153,7 +159,8 @@ def _fit(params: Params, store: PreparedStore, meta: CheckpointMeta, train_rows:
     best_epoch, stale = 0, 0
     for epoch in range(1, cfg.epochs + 1):
         lr = float(engine.optimizer.param_groups[0]["lr"])
-        chunks = list(batches_of(epoch_order(train_rows, labels, cfg.class_balance, rng), cfg.batch_size, ctx.world))
+        chunks = list(batches_of(epoch_order(train_rows, labels, cfg.class_balance, rng), cfg.batch_size, ctx.world,
+                                 fixed))
         train_loss, speed = run_epoch(engine, source, chunks, num_workers=cfg.num_workers,
                                       seed=seed * 1000 + epoch + 100_003 * ctx.rank,
                                       schedule=schedule, desc=f"{label} epoch {epoch}/{cfg.epochs}")
