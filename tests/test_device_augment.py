@@ -228,3 +228,28 @@ def test_a_fold_trains_with_augmentation_on_the_device(tmp_path):
     assert np.isfinite(loss) and speed > 0
     result = train_fold(params, store, 0, tmp_path / "fold")
     assert len(result.history) == 2 and all(np.isfinite(r["train_loss"]) for r in result.history)
+
+
+class PidSource:
+    """A batch source that says which process read each batch."""
+    transform = None
+
+    def __call__(self, rows):
+        import os
+
+        return np.full(len(rows), os.getpid()), np.asarray(rows)
+
+
+def test_loader_workers_persist_across_epochs():
+    from src.data.batches import iterate
+
+    source = PidSource()
+    seen, pids = [], set()
+    for epoch in range(3):
+        chunks = [np.arange(4) + 10 * epoch + 4 * k for k in range(3)]
+        batches = list(iterate(source, chunks, num_workers=2, seed=epoch))
+        assert [b[1].tolist() for b in batches] == [c.tolist() for c in chunks]  # in order, this epoch's rows
+        pids |= {int(b[0][0]) for b in batches}
+        seen.append(source._loader)
+    assert seen[0] is seen[1] is seen[2] and len(pids) == 2  # the same two processes all along
+    assert list(iterate(source, [np.arange(3)], num_workers=0, seed=0))[0][1].tolist() == [0, 1, 2]

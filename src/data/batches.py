@@ -19,6 +19,10 @@ class BatchSource:
         self.labels = store.labels
         self.transform = transform
 
+    def __getstate__(self):
+        # a loader process gets the source, never the loader that feeds it (spawn pickles)
+        return {k: v for k, v in self.__dict__.items() if k != "_loader"}
+
     def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rows = np.sort(rows)  # ascending reads are kinder to the page cache
         batch = np.asarray(self.images[rows])
@@ -55,17 +59,28 @@ def _worker_init(worker_id: int) -> None:
         source.transform.set_random_seed(int(torch.initial_seed() % 2**31))
 
 
-class _BatchDataset(torch.utils.data.Dataset):
-    """Lets a DataLoader with workers prefetch whole batches (train.num_workers > 0)."""
+class _RowsDataset(torch.utils.data.Dataset):
+    """Indexed by a batch's row array (the sampler below hands whole batches to the workers)."""
 
-    def __init__(self, source: BatchSource, chunks: list[np.ndarray]):
-        self.source, self.chunks = source, chunks
+    def __init__(self, source: BatchSource):
+        self.source = source
+
+    def __getitem__(self, rows: np.ndarray):
+        return self.source(rows)
+
+
+class _EpochChunks(torch.utils.data.Sampler):
+    """The current epoch's batches.  The sampler runs in the training process, so the list can
+    change between epochs while the workers (which only receive row arrays) stay alive."""
+
+    def __init__(self):
+        self.chunks: list[np.ndarray] = []
+
+    def __iter__(self):
+        return iter(list(self.chunks))
 
     def __len__(self) -> int:
         return len(self.chunks)
-
-    def __getitem__(self, i: int):
-        return self.source(self.chunks[i])
 
 
 def _as_is(batch):
@@ -73,13 +88,19 @@ def _as_is(batch):
 
 
 def iterate(source: BatchSource, chunks: list[np.ndarray], num_workers: int, seed: int) -> Iterator:
+    """The batches `chunks`, read (and augmented) here, or by `num_workers` loader processes that
+    start with the first epoch and persist across epochs (persistent_workers: no fork, import and
+    memmap reopen per epoch).  The workers' augmentation streams are seeded once, from `seed` of
+    that first epoch, and go on from there."""
     if num_workers <= 0:
         return (source(c) for c in chunks)
-    gen = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(
-        _BatchDataset(source, chunks), batch_size=None, shuffle=False, num_workers=num_workers,
-        worker_init_fn=_worker_init, generator=gen, collate_fn=_as_is,
-    )
+    loader = getattr(source, "_loader", None)
+    if loader is None or loader.num_workers != num_workers:
+        gen = torch.Generator().manual_seed(seed)
+        loader = torch.utils.data.DataLoader(
+            _RowsDataset(source), batch_size=None, sampler=_EpochChunks(), num_workers=num_workers,
+            persistent_workers=True, worker_init_fn=_worker_init, generator=gen, collate_fn=_as_is,
+        )
+        source._loader = loader
+    loader.sampler.chunks = list(chunks)
     return iter(loader)
-
-
