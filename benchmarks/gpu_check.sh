@@ -9,7 +9,8 @@
 # 3. DDP (NCCL) scaling against one process when two or more GPUs are visible,
 # 4. when data/prepared holds the prepared phantom, the default 5-fold train + evaluate on the GPU,
 #    written to a temporary folder (models/, reports/ and mlruns/ of the checkout are not touched),
-# 5. `dvc repro --force` of the whole pipeline in a copy of the checkout (SKIP_REPRO=1 skips it),
+# 5. `dvc repro --force` of the whole pipeline in a copy of the checkout (SKIP_REPRO=1 skips it;
+#    SKIP_COMPILE=1 skips step 2's two torch.compile runs: each compiles for a minute or so),
 # then OUT/gpu.json (and benchmarks/results/gpu.json): trainer_over_bare per profile, default_train_seconds,
 # dvc_repro_seconds, device and versions.
 # Steps 1-3 use synthetic stores (random uint8 images), so they need no dataset; nothing is downloaded.
@@ -40,6 +41,12 @@ COMMON=(--synthetic --rounds 3 --batches 20 --set train.device=cuda --set train.
 run bench_b0_224 $PY benchmarks/bench_train.py "${COMMON[@]}" --set train.model=efficientnet_b0 \
     --set train.image_size=224 --set prepare.crop.size=224 --set train.batch_size=64 \
     --json "$OUT/bench_b0_224.json" --profile "b0 224 batch 64"
+# torch.compile on the same profile (mode default; reduce-overhead adds CUDA graphs): kept only if it pays
+for mode in $([ "${SKIP_COMPILE:-0}" = 1 ] || echo default reduce-overhead); do
+  run bench_b0_224_compile_$mode $PY benchmarks/bench_train.py "${COMMON[@]}" --set train.model=efficientnet_b0 \
+      --set train.image_size=224 --set prepare.crop.size=224 --set train.batch_size=64 --set train.compile=$mode \
+      --json "$OUT/bench_b0_224_compile_$mode.json" --profile "b0 224 batch 64, compile $mode"
+done
 run bench_b5_456 $PY benchmarks/bench_train.py "${COMMON[@]}" --set train.model=efficientnet_b5 \
     --set train.image_size=456 --set prepare.crop.size=456 --set train.batch_size=16 \
     --json "$OUT/bench_b5_456.json" --profile "b5 456 batch 16"
@@ -92,8 +99,11 @@ def number(name):
     return round(float(f.read_text()), 1) if f.is_file() and f.read_text().strip() else None
 profiles = [json.loads((out / f).read_text()) for f in
             ("bench_b0_224.json", "bench_b5_456.json", "bench_lab_crop.json", "bench_lab_full.json") if (out / f).is_file()]
+compiled = [json.loads(f.read_text()) for f in sorted(out.glob("bench_b0_224_compile_*.json"))]
 result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda,
           "profiles": profiles, "trainer_over_bare": {p["profile"]: round(p["trainer_over_bare"], 3) for p in profiles},
+          "compile": [{k: c[k] for k in ("profile", "trainer_img_s", "bare_img_s", "trainer_over_bare", "peak_gpu_gib")}
+                      for c in compiled],
           "default_train_seconds": number("default_train_seconds.txt"),
           "dvc_repro_seconds": number("dvc_repro_seconds.txt"),
           "goals": {"trainer_over_bare": 0.90, "default_train_seconds": 60}}

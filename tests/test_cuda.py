@@ -83,3 +83,13 @@ def test_a_fold_on_cuda_augments_on_the_gpu(tmp_path):
     assert attach_augmentation(engine, store, params.train, seed=0).transform is None and engine.augment is not None
     res = train_fold(params, store, 0, tmp_path / "fold")
     assert all(np.isfinite(r["train_loss"]) for r in res.history)
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_a_fold_trains_compiled_and_its_checkpoint_loads_plain(tmp_path, mode):
+    root = make_tiny_store(tmp_path / "s", n_per_class=10, folds=2, size=64)
+    params = tiny_params(tmp_path, root, device="cuda", epochs=2, threads=None, compile=mode)
+    store = PreparedStore.open(root)
+    res = train_fold(params, store, 0, tmp_path / "fold")
+    assert all(np.isfinite(r["train_loss"]) for r in res.history)
+    load_checkpoint(tmp_path / "fold", device="cpu")  # plain keys: loads into an uncompiled network

@@ -253,3 +253,16 @@ def test_loader_workers_persist_across_epochs():
         seen.append(source._loader)
     assert seen[0] is seen[1] is seen[2] and len(pids) == 2  # the same two processes all along
     assert list(iterate(source, [np.arange(3)], num_workers=0, seed=0))[0][1].tolist() == [0, 1, 2]
+
+
+def test_a_compiled_network_unwraps_to_the_plain_one():
+    """train.compile wraps the training network; checkpoints, EMA and validation use what
+    Engine.net unwraps.  The eager backend here (inductor compiles for a minute on 2 cores);
+    tests/test_cuda.py trains with the real compile on a GPU."""
+    from src.model.distributed import unwrap
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    net(torch.zeros(1, 1, 8, 8))
+    compiled = torch.compile(net, backend="eager")
+    assert unwrap(compiled) is net and unwrap(net) is net
+    assert list(unwrap(compiled).state_dict()) == list(net.state_dict())  # no _orig_mod. prefixes

@@ -225,6 +225,9 @@ class TrainParams(Section):
     amp: Literal["auto", "bf16", "fp16", "off"] = Field("auto",
         description='auto: bf16 on CUDA when supported, off on CPU')
     channels_last: bool = True
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field("off",
+        description='torch.compile of the training network: off | default | reduce-overhead (CUDA graphs) |\n'
+                    'max-autotune; pays on a GPU if at all (benchmarks/gpu_check.sh measures it), not on 2 CPU cores')
     num_workers: int = Field(0, ge=0)
     threads: Optional[int] = Field(None, ge=1,
         description='CPU threads for torch; null: all cores (set 1 when sharing the CPU)')

@@ -212,6 +212,10 @@ def build_engine(cfg: TrainParams, meta: CheckpointMeta, device: torch.device, t
         ema = ModelEmaV3(model, decay=decay, use_warmup=True)
     # DDP broadcasts rank 0's initial weights, so every process starts from the same network.
     model = wrap(model, ctx, device, cfg.sync_bn)
+    if cfg.compile != "off":
+        # The training forward/backward only: validation, EMA and checkpoints use the plain
+        # network (Engine.net unwraps), so checkpoints carry no `_orig_mod.` prefixes.
+        model = torch.compile(model, mode=None if cfg.compile == "default" else cfg.compile)
     return Engine(
         model=model, optimizer=build_optimizer(model.parameters(), cfg),
         criterion=torch.nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device),
