@@ -7,6 +7,8 @@ the identity and 1 the configured defaults.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
@@ -15,6 +17,53 @@ from src.core.offline import offline_defaults
 
 # Reflect instead of a black fill: black corners would be a shortcut the network could learn.
 _BORDER = cv2.BORDER_REFLECT_101
+
+
+@dataclass(frozen=True)
+class AugmentRanges:
+    """train.augment with its strength applied: each step's probability (scaled, capped at 1;
+    0 = the step is left out) and its parameter ranges.  The one definition that the CPU path
+    (albumentations, below) and the device path (src/data/device_augment.py) both draw from."""
+    vflip: float
+    hflip: float
+    rotate_limit: float                       # degrees; the lab's rotation is always on when > 0
+    affine: float
+    scale: tuple[float, float]
+    translate: float                          # share of the side, +-
+    shear: float                              # degrees, +-
+    brightness_contrast: float
+    bc_limit: float                           # +- for contrast (1 + a) and brightness (of the maximum)
+    gamma: float
+    gamma_limit: tuple[float, float]          # percent, albumentations' unit (gamma = value / 100)
+    clahe: float
+    clip_limit: tuple[float, float]
+    noise: float
+    noise_std: tuple[float, float]            # of the maximum value
+    blur: float
+    blur_sigma: tuple[float, float]
+
+
+def augment_ranges(cfg: AugmentParams) -> AugmentRanges:
+    s = float(cfg.strength)
+
+    def p(prob: float) -> float:
+        return float(min(1.0, prob * s)) if prob > 0 else 0.0
+
+    g = min(70.0, 20.0 * s)
+    return AugmentRanges(
+        vflip=p(cfg.vflip), hflip=p(cfg.hflip),
+        rotate_limit=min(180.0, cfg.rotate_limit * s) if cfg.rotate_limit > 0 else 0.0,
+        affine=p(cfg.affine), scale=(1.0 - 0.1 * s, 1.0 + 0.1 * s), translate=0.05 * s, shear=5.0 * s,
+        brightness_contrast=p(cfg.brightness_contrast), bc_limit=min(0.9, 0.2 * s),
+        gamma=p(cfg.gamma), gamma_limit=(100.0 - g, 100.0 + g),
+        clahe=p(cfg.clahe), clip_limit=(1.0, 1.0 + 3.0 * s),
+        noise=p(cfg.noise), noise_std=(0.01 * s, min(0.5, 0.05 * s)),
+        blur=p(cfg.blur), blur_sigma=(0.1, 0.5 + 0.75 * s),
+    )
+
+
+def augmentation_on(cfg: AugmentParams) -> bool:
+    return bool(cfg.enabled) and float(cfg.strength) > 0.0
 
 
 def build_augment(cfg: AugmentParams, seed: int | None = None):
@@ -27,41 +76,30 @@ def build_augment(cfg: AugmentParams, seed: int | None = None):
     # torch's OpenMP workers (still spinning after each step) for the same cores.
     cv2.setNumThreads(1)
 
-    s = float(cfg.strength)
-    if not cfg.enabled or s <= 0.0:
+    if not augmentation_on(cfg):
         return None
-
-    def p(prob: float) -> float:
-        return float(min(1.0, prob * s))
-
+    r = augment_ranges(cfg)
     steps = []
-    if cfg.vflip > 0:
-        steps.append(A.VerticalFlip(p=p(cfg.vflip)))
-    if cfg.hflip > 0:
-        steps.append(A.HorizontalFlip(p=p(cfg.hflip)))
-    if cfg.rotate_limit > 0:
-        # The lab's rotation: always on, its range scaled by strength.
-        limit = min(180.0, cfg.rotate_limit * s)
-        steps.append(A.Rotate(limit=(-limit, limit), border_mode=_BORDER, p=1.0))
-    if cfg.affine > 0:
-        steps.append(A.Affine(
-            scale=(1.0 - 0.1 * s, 1.0 + 0.1 * s),
-            translate_percent=(-0.05 * s, 0.05 * s),
-            shear=(-5.0 * s, 5.0 * s),
-            border_mode=_BORDER, p=p(cfg.affine),
-        ))
-    if cfg.brightness_contrast > 0:
-        lim = min(0.9, 0.2 * s)
-        steps.append(A.RandomBrightnessContrast(brightness_limit=lim, contrast_limit=lim, p=p(cfg.brightness_contrast)))
-    if cfg.gamma > 0:
-        g = min(70.0, 20.0 * s)
-        steps.append(A.RandomGamma(gamma_limit=(100.0 - g, 100.0 + g), p=p(cfg.gamma)))
-    if cfg.clahe > 0:
-        steps.append(A.CLAHE(clip_limit=(1.0, 1.0 + 3.0 * s), tile_grid_size=(8, 8), p=p(cfg.clahe)))
-    if cfg.noise > 0:
-        steps.append(A.GaussNoise(std_range=(0.01 * s, min(0.5, 0.05 * s)), p=p(cfg.noise)))
-    if cfg.blur > 0:
-        steps.append(A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.1, 0.5 + 0.75 * s), p=p(cfg.blur)))
+    if r.vflip > 0:
+        steps.append(A.VerticalFlip(p=r.vflip))
+    if r.hflip > 0:
+        steps.append(A.HorizontalFlip(p=r.hflip))
+    if r.rotate_limit > 0:
+        steps.append(A.Rotate(limit=(-r.rotate_limit, r.rotate_limit), border_mode=_BORDER, p=1.0))
+    if r.affine > 0:
+        steps.append(A.Affine(scale=r.scale, translate_percent=(-r.translate, r.translate),
+                              shear=(-r.shear, r.shear), border_mode=_BORDER, p=r.affine))
+    if r.brightness_contrast > 0:
+        steps.append(A.RandomBrightnessContrast(brightness_limit=r.bc_limit, contrast_limit=r.bc_limit,
+                                                p=r.brightness_contrast))
+    if r.gamma > 0:
+        steps.append(A.RandomGamma(gamma_limit=r.gamma_limit, p=r.gamma))
+    if r.clahe > 0:
+        steps.append(A.CLAHE(clip_limit=r.clip_limit, tile_grid_size=(8, 8), p=r.clahe))
+    if r.noise > 0:
+        steps.append(A.GaussNoise(std_range=r.noise_std, p=r.noise))
+    if r.blur > 0:
+        steps.append(A.GaussianBlur(blur_limit=(3, 5), sigma_limit=r.blur_sigma, p=r.blur))
     if not steps:
         return None
     return A.Compose(steps, seed=seed)

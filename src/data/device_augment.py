@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from src.core.config import AugmentParams
+from src.data.augment import augment_ranges, augmentation_on
 
 CLAHE_GRID = 8   # tiles per side, as albumentations' CLAHE(tile_grid_size=(8, 8))
 CLAHE_BINS = 256
@@ -63,25 +64,7 @@ class DeviceAugment:
     (`build_device_augment` returns None then, like `build_augment`)."""
 
     def __init__(self, cfg: AugmentParams):
-        s = float(cfg.strength)
-        self.cfg, self.s = cfg, s
-
-        def p(prob: float) -> float:  # as src.data.augment: probabilities scaled by strength, capped at 1
-            return float(min(1.0, prob * s))
-
-        self.p_vflip, self.p_hflip = p(cfg.vflip), p(cfg.hflip)
-        self.rotate_limit = min(180.0, cfg.rotate_limit * s) if cfg.rotate_limit > 0 else 0.0
-        self.p_affine = p(cfg.affine) if cfg.affine > 0 else 0.0
-        self.scale = (1.0 - 0.1 * s, 1.0 + 0.1 * s)
-        self.translate = 0.05 * s
-        self.shear = 5.0 * s
-        lim = min(0.9, 0.2 * s)
-        self.p_bc, self.bc_limit = (p(cfg.brightness_contrast) if cfg.brightness_contrast > 0 else 0.0), lim
-        g = min(70.0, 20.0 * s)
-        self.p_gamma, self.gamma_range = (p(cfg.gamma) if cfg.gamma > 0 else 0.0), ((100.0 - g) / 100, (100.0 + g) / 100)
-        self.p_clahe, self.clip_range = (p(cfg.clahe) if cfg.clahe > 0 else 0.0), (1.0, 1.0 + 3.0 * s)
-        self.p_noise, self.noise_range = (p(cfg.noise) if cfg.noise > 0 else 0.0), (0.01 * s, min(0.5, 0.05 * s))
-        self.p_blur, self.sigma_range = (p(cfg.blur) if cfg.blur > 0 else 0.0), (0.1, 0.5 + 0.75 * s)
+        self.cfg, self.r = cfg, augment_ranges(cfg)
 
     # ------------------------------------------------------------------ drawing
     def sample(self, n: int, size: tuple[int, int], generator: torch.Generator | None = None,
@@ -96,20 +79,21 @@ class DeviceAugment:
             return torch.rand(n, generator=generator, device=device) < prob
 
         height, width = size
+        r = self.r
         ksize = torch.randint(3, 6, (n,), generator=generator, device=device)
         return Draw(
-            vflip=coin(self.p_vflip), hflip=coin(self.p_hflip),
-            angle=u(-self.rotate_limit, self.rotate_limit),
-            affine=coin(self.p_affine),
-            scale_x=u(*self.scale), scale_y=u(*self.scale),
-            shear_x=u(-self.shear, self.shear), shear_y=u(-self.shear, self.shear),
-            shift_x=torch.trunc(u(-self.translate, self.translate) * width),
-            shift_y=torch.trunc(u(-self.translate, self.translate) * height),
-            bc=coin(self.p_bc), alpha=1.0 + u(-self.bc_limit, self.bc_limit), beta=u(-self.bc_limit, self.bc_limit),
-            gamma_on=coin(self.p_gamma), gamma=u(*self.gamma_range),
-            clahe=coin(self.p_clahe), clip_limit=u(*self.clip_range),
-            noise=coin(self.p_noise), noise_std=u(*self.noise_range),
-            blur=coin(self.p_blur), sigma=u(*self.sigma_range), ksize=ksize + (ksize % 2 == 0).long(),
+            vflip=coin(r.vflip), hflip=coin(r.hflip),
+            angle=u(-r.rotate_limit, r.rotate_limit),
+            affine=coin(r.affine),
+            scale_x=u(*r.scale), scale_y=u(*r.scale),
+            shear_x=u(-r.shear, r.shear), shear_y=u(-r.shear, r.shear),
+            shift_x=torch.trunc(u(-r.translate, r.translate) * width),
+            shift_y=torch.trunc(u(-r.translate, r.translate) * height),
+            bc=coin(r.brightness_contrast), alpha=1.0 + u(-r.bc_limit, r.bc_limit), beta=u(-r.bc_limit, r.bc_limit),
+            gamma_on=coin(r.gamma), gamma=u(*r.gamma_limit) / 100.0,
+            clahe=coin(r.clahe), clip_limit=u(*r.clip_limit),
+            noise=coin(r.noise), noise_std=u(*r.noise_std),
+            blur=coin(r.blur), sigma=u(*r.blur_sigma), ksize=ksize + (ksize % 2 == 0).long(),
         )
 
     # ------------------------------------------------------------------ applying
@@ -135,9 +119,7 @@ class DeviceAugment:
 
 
 def build_device_augment(cfg: AugmentParams) -> DeviceAugment | None:
-    if not cfg.enabled or float(cfg.strength) <= 0.0:
-        return None
-    return DeviceAugment(cfg)
+    return DeviceAugment(cfg) if augmentation_on(cfg) else None
 
 
 # ---------------------------------------------------------------------- the pieces
