@@ -37,10 +37,8 @@ from src.artifacts.source_data import mm_per_pixel  # noqa: E402
 from src.artifacts.store import PreparedStore  # noqa: E402
 from src.core.config import load_params  # noqa: E402
 from src.core.fileio import atomic_write_json  # noqa: E402
-from src.explain.cam import METHODS, explain_tensor, resolve_target_layers  # noqa: E402
-from src.explain.faithfulness import ratios, summarise  # noqa: E402
+from src.explain.cam import METHODS, explain_tensor  # noqa: E402
 from src.explain.oof_explain import (  # noqa: E402
-    LOCALISATION_KEYS,
     RANDOMIZATION_KEY,
     explain_row,
     load_fold_model,
@@ -48,8 +46,11 @@ from src.explain.oof_explain import (  # noqa: E402
     masks_folder,
     out_of_fold_model,
     select_images,
+    step_similarities,
+    summary_of,
+    target_layer_names,
 )
-from src.explain.sanity import randomised_cascade, rank_similarity  # noqa: E402
+from src.explain.sanity import randomised_cascade  # noqa: E402
 from src.model.factory import to_input  # noqa: E402
 
 GOALS = {"pointing_hit_all": 0.6, "energy_over_area_all": 3.0, f"{RANDOMIZATION_KEY}_all": 0.5}
@@ -81,26 +82,26 @@ def meets(summary: dict) -> bool:
             and np.isfinite(sim) and sim < GOALS[f"{RANDOMIZATION_KEY}_all"])
 
 
-def run_combo(method: str, layers: str, params, store, models, rows, masks, mm) -> dict:
-    cfg = params.gradcam.model_copy(update={"method": method, "target_layer": layer_spec(layers)})
-    shape = None
+def use_method(models: dict, cfg, store) -> None:
+    """Point the loaded fold models at cfg's method and layers, with fresh cascades."""
     for fm in models.values():
         fm.cascade = None
-        if method == "saliency":
-            fm.layer_names = []
-        else:
-            shape = shape or (1, fm.meta.in_chans, *store.images.shape[1:3])
-            fm.layer_names = [n for n, _ in resolve_target_layers(fm.model, cfg.target_layer, shape)]
+        fm.layer_names = target_layer_names(fm.model, fm.meta, store, cfg)
+
+
+def combo_params(params, method: str, layers: str):
+    return params.gradcam.model_copy(update={"method": method, "target_layer": layer_spec(layers)})
+
+
+def run_combo(method: str, layers: str, params, store, models, rows, masks, mm) -> dict:
+    cfg = combo_params(params, method, layers)
+    use_method(models, cfg, store)
     records, started = [], time.perf_counter()
     for row in rows:
         fm = out_of_fold_model(models, store, row)
         rec, _ = explain_row(fm, store, row, cfg, masks.get(row), None if mm is None else float(mm[row]))
         records.append(rec)
-    keys = ["correct", "seconds_cam", *(LOCALISATION_KEYS if masks else ()), RANDOMIZATION_KEY]
-    if cfg.perturbation != "none":
-        keys.append(cfg.perturbation)
-    summary = summarise(records, store.classes, keys)
-    summary.update(ratios(summary, [*store.classes, "all"]))
+    summary = summary_of(records, store.classes, cfg, bool(masks), extra=("seconds_cam",))
     names = sorted({"+".join(fm.layer_names) or "input" for fm in models.values()})
     return {"method": method, "layers": layers, "modules": ",".join(names), "summary": summary,
             "wall_seconds": time.perf_counter() - started, "meets_goals": meets(summary)}
@@ -108,22 +109,17 @@ def run_combo(method: str, layers: str, params, store, models, rows, masks, mm) 
 
 def full_cascade(method: str, layers: str, params, store, models, rows) -> list[dict]:
     """Mean |rho| after each group of the cascade (every group its own step)."""
-    cfg = params.gradcam.model_copy(update={"method": method, "target_layer": layer_spec(layers)})
+    cfg = combo_params(params, method, layers)
+    use_method(models, cfg, store)
+    for fm in models.values():
+        fm.cascade = randomised_cascade(fm.model, None, seed=cfg.seed)
     per_step: dict[str, list[float]] = {}
-    cascades = {k: randomised_cascade(fm.model, None, seed=cfg.seed) for k, fm in models.items()}
     for row in rows:
         fm = out_of_fold_model(models, store, row)
         x = to_input(np.asarray(store.images[row]), fm.meta)
-        spec = cfg.target_layer
-        shape = tuple(x.shape)
-
-        def layers_of(model):
-            return None if method == "saliency" else [m for _, m in resolve_target_layers(model, spec, shape)]
-
-        cam, _, target = explain_tensor(fm.model, x, method, layers_of(fm.model))
-        for step in cascades[fm.fold]:
-            other, _, _ = explain_tensor(step.model, x, method, layers_of(step.model), target=target)
-            per_step.setdefault(step.label, []).append(rank_similarity(cam, other))
+        cam, _, target = explain_tensor(fm.model, x, method, fm.layers(), batch_size=cfg.batch_size)
+        for label, value in step_similarities(fm, x, cam, target, cfg):
+            per_step.setdefault(label, []).append(value)
     return [{"randomised_down_to": label, "similarity": float(np.nanmean(v))} for label, v in per_step.items()]
 
 

@@ -138,11 +138,16 @@ def load_fold_model(train_out: Path, fold: int, store: PreparedStore, cfg: Gradc
     test_indices = None
     if (directory / PREDICTIONS_FILE).is_file():
         test_indices = set(read_fold_predictions(train_out, fold)["index"].astype(int))
-    names: list[str] = []
-    if cfg.method != "saliency":
-        shape = (1, meta.in_chans, *[int(v) for v in (meta.input_size or store.meta["size"])])
-        names = [name for name, _ in resolve_target_layers(model, cfg.target_layer, shape)]
-    return FoldModel(fold, directory, model, meta, names, test_indices)
+    return FoldModel(fold, directory, model, meta, target_layer_names(model, meta, store, cfg), test_indices)
+
+
+def target_layer_names(model: torch.nn.Module, meta: CheckpointMeta, store: PreparedStore,
+                       cfg: GradcamParams) -> list[str]:
+    """The modules gradcam.target_layer names in this model at its input size; none for saliency."""
+    if cfg.method == "saliency":
+        return []
+    shape = (1, meta.in_chans, *[int(v) for v in (meta.input_size or store.meta["size"])])
+    return [name for name, _ in resolve_target_layers(model, cfg.target_layer, shape)]
 
 
 def out_of_fold_model(models: dict[int, FoldModel], store: PreparedStore, row: int) -> FoldModel:
@@ -247,19 +252,39 @@ def pointing_tolerance_px(store: PreparedStore, row: int, tolerance_mm: float, m
     return float(tolerance_mm * stored_per_src / mm_src)
 
 
-def randomization_similarity(fm: FoldModel, x: torch.Tensor, cam_in: np.ndarray, target: int,
-                             cfg: GradcamParams) -> float:
-    """The mean |rank correlation| of the map with the maps of the fold model randomised from
-    the top down (src/explain/sanity.py), explaining the same class."""
+def step_similarities(fm: FoldModel, x: torch.Tensor, cam_in: np.ndarray, target: int,
+                      cfg: GradcamParams) -> list[tuple[str, float]]:
+    """(deepest group randomised, |rank correlation| of the map with that step's map) for each
+    step of the fold model's randomised cascade (src/explain/sanity.py), explaining the same
+    class.  The cascade is built on first use, in gradcam.randomization_steps steps."""
     if fm.cascade is None:
         fm.cascade = randomised_cascade(fm.model, cfg.randomization_steps, seed=cfg.seed)
-    values = []
+    out = []
     for step in fm.cascade:
         other, _, _ = explain_tensor(step.model, x, cfg.method, fm.layers(step.model), target=target,
                                      batch_size=cfg.batch_size)
-        values.append(rank_similarity(cam_in, other))
-    finite = [v for v in values if np.isfinite(v)]
+        out.append((step.label, rank_similarity(cam_in, other)))
+    return out
+
+
+def randomization_similarity(fm: FoldModel, x: torch.Tensor, cam_in: np.ndarray, target: int,
+                             cfg: GradcamParams) -> float:
+    """The mean over the cascade's steps of `step_similarities`."""
+    finite = [v for _, v in step_similarities(fm, x, cam_in, target, cfg) if np.isfinite(v)]
     return float(np.mean(finite)) if finite else math.nan
+
+
+def summary_of(rows: list[dict[str, Any]], classes: list[str], cfg: GradcamParams, has_masks: bool,
+               extra: tuple[str, ...] = ()) -> dict[str, float]:
+    """The per-class and overall means of the table's scores, with energy over area."""
+    keys = ["correct", *extra, *(LOCALISATION_KEYS if has_masks else ())]
+    if cfg.perturbation != "none":
+        keys += [cfg.perturbation] + ([] if cfg.perturbation in ZERO_BASELINE else [f"{cfg.perturbation}_random"])
+    if cfg.randomization_steps:
+        keys.append(RANDOMIZATION_KEY)
+    summary = summarise(rows, classes, keys)
+    summary.update(ratios(summary, [*classes, "all"]))
+    return summary
 
 
 def explain_row(fm: FoldModel, store: PreparedStore, row: int, cfg: GradcamParams, mask: np.ndarray | None,
@@ -354,13 +379,7 @@ def run_gradcam(params: Params, *, log_to_mlflow: bool = True) -> dict[str, floa
                 examples.append(sheet[0])
         if examples:
             save_contact_sheet(tmp / EXAMPLE_FILE, examples, f"{cfg.method}: one image per class", alpha=cfg.alpha)
-        keys = ["correct", *(LOCALISATION_KEYS if masks_root is not None else ())]
-        if cfg.perturbation != "none":
-            keys += [cfg.perturbation] + ([] if cfg.perturbation in ZERO_BASELINE else [f"{cfg.perturbation}_random"])
-        if cfg.randomization_steps:
-            keys.append(RANDOMIZATION_KEY)
-        summary = summarise(rows, store.classes, keys)
-        summary.update(ratios(summary, [*store.classes, "all"]))
+        summary = summary_of(rows, store.classes, cfg, masks_root is not None)
         if masks_root is not None and mm_src is not None:
             summary["pointing_tolerance_mm"] = float(cfg.pointing_tolerance_mm)
         metrics = with_provenance({METRIC_PREFIX + k: v for k, v in summary.items()}, provenance)
