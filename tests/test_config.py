@@ -29,6 +29,14 @@ def write(tmp_path, data) -> Path:
     return path
 
 
+def refusal(tmp_path, override: str) -> tuple[Path, str]:
+    """(the params file, the ParamsError's message) for the default params with one --set."""
+    path = write(tmp_path, {})
+    with pytest.raises(ParamsError) as exc:
+        load_params(path, [override])
+    return path, str(exc.value)
+
+
 def test_repo_params_file_validates_and_matches_sections():
     params = load_params(ROOT / "params.yaml")
     assert set(Params.model_fields) == {
@@ -77,10 +85,7 @@ def test_typo_in_nested_key(tmp_path):
     ("data.on_bad_file=ignore", "data.on_bad_file"),
 ])
 def test_wrong_type_or_range_names_key_and_value(tmp_path, override, fragment):
-    path = write(tmp_path, {})
-    with pytest.raises(ParamsError) as exc:
-        load_params(path, [override])
-    msg = str(exc.value)
+    path, msg = refusal(tmp_path, override)
     assert fragment in msg and str(path) in msg and "\n" not in msg
 
 
@@ -90,10 +95,8 @@ def test_wrong_type_or_range_names_key_and_value(tmp_path, override, fragment):
     ("train.ema_decay=1.0", "train.ema_decay: expected auto, null or a number between 0 and 1 (exclusive) (got 1.0)"),
 ])
 def test_a_union_setting_says_every_accepted_form_in_one_line(tmp_path, override, message):
-    path = write(tmp_path, {})
-    with pytest.raises(ParamsError) as exc:
-        load_params(path, [override])
-    assert str(exc.value) == f"{path}: {message}"
+    path, msg = refusal(tmp_path, override)
+    assert msg == f"{path}: {message}"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -103,10 +106,8 @@ def test_a_union_setting_says_every_accepted_form_in_one_line(tmp_path, override
     ("locate.unseen_phantom.enabled=sometimes", "locate.unseen_phantom.enabled: got 'sometimes'"),
 ])
 def test_locate_settings_are_checked_in_one_line(tmp_path, override, message):
-    path = write(tmp_path, {})
-    with pytest.raises(ParamsError) as exc:
-        load_params(path, [override])
-    assert str(exc.value).startswith(f"{path}: {message}") and "\n" not in str(exc.value)
+    path, msg = refusal(tmp_path, override)
+    assert msg.startswith(f"{path}: {message}") and "\n" not in msg
 
 
 def test_early_stopping_without_a_criterion_is_refused(tmp_path):
