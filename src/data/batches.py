@@ -77,7 +77,7 @@ class _EpochChunks(torch.utils.data.Sampler):
         self.chunks: list[np.ndarray] = []
 
     def __iter__(self):
-        return iter(list(self.chunks))
+        return iter(self.chunks)
 
     def __len__(self) -> int:
         return len(self.chunks)

@@ -10,6 +10,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from src.model.factory import host_to_device
+
 
 class Prefetched:
     """A batch already on the device: uint8/float images as a tensor (N, H, W), labels (N,) int64,
@@ -19,15 +21,6 @@ class Prefetched:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, host_labels: np.ndarray):
         self.images, self.labels, self.host_labels = images, labels, host_labels
-
-
-def _pinned(arr: np.ndarray) -> torch.Tensor:
-    arr = np.ascontiguousarray(arr)
-    if not arr.flags.writeable:
-        arr = arr.copy()
-    if arr.dtype == np.uint16:  # torch has no uint16 arithmetic
-        arr = arr.astype(np.int32)
-    return torch.from_numpy(arr).pin_memory()
 
 
 def prefetch(batches: Iterable[tuple[np.ndarray, np.ndarray]], device: torch.device) -> Iterator:
@@ -41,10 +34,10 @@ def prefetch(batches: Iterable[tuple[np.ndarray, np.ndarray]], device: torch.dev
     pending: Prefetched | None = None
     for images, labels in batches:
         host_labels = np.asarray(labels, dtype=np.int64)
-        with torch.cuda.stream(stream):
-            ready = Prefetched(_pinned(images).to(device, non_blocking=True),
-                               torch.from_numpy(host_labels).pin_memory().to(device, non_blocking=True),
-                               host_labels)
+        images = np.asarray(images)
+        with torch.cuda.stream(stream):  # host_to_device: pinned, non-blocking, on this side stream
+            ready = Prefetched(host_to_device(images.astype(np.int32) if images.dtype == np.uint16 else images, device),
+                               host_to_device(host_labels, device), host_labels)
         if pending is not None:
             yield pending
         # The consumer's stream waits for this copy before it touches the tensors, and the
