@@ -89,21 +89,24 @@ def resolve_target_layers(model: torch.nn.Module, spec: str | list[str] | None,
     specs = list(spec) if isinstance(spec, (list, tuple)) else [spec]
     if not specs:
         raise BoneHealthError("gradcam.target_layer: an empty list; name a layer, a stride or null")
-    out = [resolve_target_layer(model, s, input_shape) for s in specs]
+    spatial = _spatial_outputs(model, input_shape)  # one probing forward pass for every name
+    out = [resolve_target_layer(model, s, input_shape, spatial) for s in specs]
     names = [n for n, _ in out]
     if len(set(names)) != len(names):
         raise BoneHealthError(f"gradcam.target_layer: {spec!r} names the layer {names} more than once")
     return out
 
 
-def resolve_target_layer(model: torch.nn.Module, name: str | None, input_shape: tuple[int, ...]) -> tuple[str, torch.nn.Module]:
+def resolve_target_layer(model: torch.nn.Module, name: str | None, input_shape: tuple[int, ...],
+                         spatial: list[tuple[str, tuple[int, ...]]] | None = None) -> tuple[str, torch.nn.Module]:
     """The layer whose activations the CAM weighs: a dotted name, `stride<N>`, bn2 for timm
     EfficientNets, otherwise the last module whose output is still a spatial (N, C, H>1 or W>1) map.
 
     The spatial condition matters: MobileNetV3-style heads run a 1x1 conv *after* global
     pooling, so "last 4-D output" alone would pick a 1x1 map that explains nothing.
+    `spatial`: the model's 4-D outputs at this input, when the caller already probed them.
     """
-    spatial = _spatial_outputs(model, input_shape)
+    spatial = _spatial_outputs(model, input_shape) if spatial is None else spatial
     shapes = dict(spatial)
     usable = [n for n, shape in spatial if shape[-1] * shape[-2] > 1]
     default = "bn2" if type(model).__name__ in BN2_MODELS and "bn2" in shapes else (usable[-1] if usable else None)
