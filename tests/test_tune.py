@@ -288,7 +288,9 @@ def test_two_workers_share_a_journal_and_run_exactly_n_trials(tmp_path, store):
 def test_killed_worker_trial_is_retried_not_lost(tmp_path, store):
     params = tune_params(tmp_path, store, pruner="none", heartbeat_interval=0.5, grace_period=4.0,
                          space={"train.lr": {"type": "float", "low": 0.001, "high": 0.05, "log": True}})
-    params = with_values(params, {"train.epochs": 30})  # long enough to be killed mid-trial
+    # long enough to be killed mid-trial: at 30 epochs the whole tiny trial takes seconds, and the
+    # 1 s poll (which also reads the journal) can miss the window between fold 0 and the end
+    params = with_values(params, {"train.epochs": 200})
     path = write_params(params, tmp_path / "params.yaml")
     proc = run_cli(["--params", str(path), "--n-trials", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = tuning_study.storage_url(params)
