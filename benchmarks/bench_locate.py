@@ -45,8 +45,8 @@ from src.core.runtime import set_threads  # noqa: E402
 from src.data.imaging import read_image  # noqa: E402
 from src.localise.fit import find_centres  # noqa: E402
 from src.localise.foreign import foreign_confidences  # noqa: E402
-from src.localise.oof import Annotated, annotated, oof_localise  # noqa: E402
-from src.localise.overview import overview  # noqa: E402
+from src.localise.oof import Annotated, annotated, fold_peaks, oof_localise, views_of  # noqa: E402
+from src.localise.refine import FineView, refine_peaks  # noqa: E402
 from src.localise.run import annotated_side, score  # noqa: E402
 from src.localise.scores import anatomical_mirror_boxes, fixed_box, mirror_box, summary  # noqa: E402
 from src.synthetic.generator import generate  # noqa: E402
@@ -67,6 +67,43 @@ def figures(data: Annotated, peaks, anatomical: np.ndarray, mm_per_px: np.ndarra
     return out
 
 
+def nested(settings: dict[str, str]) -> dict:
+    """{"refine.epochs": "10", "refine.size": "192x384"} -> {"refine": {"epochs": "10", "size": [192, 384]}}."""
+    out: dict = {}
+    for key, value in settings.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = [int(v) for v in value.split("x")] if leaf in ("size", "window") else value
+    return out
+
+
+def ablations(data: Annotated, peaks, models, refiners, store, anatomical, mm_per_px, cfg) -> dict:
+    """The same networks with one piece left out, scored against either side (the masks' mirror):
+    coarse_only (no refiner; per fold when `store` is given, else the ensemble) and
+    refiner_size (the refiner's own box size instead of the overview network's)."""
+    if not any(r is not None for r in refiners):
+        return {}
+    if store is None:
+        coarse = find_centres(models, data.overviews)
+    else:
+        coarse = [None] * len(peaks)
+        for k, m in enumerate(models):
+            test = store.indices_of_fold(k)
+            for i, p in zip(test, find_centres([m], data.overviews[test])):
+                coarse[i] = p
+    own = [None] * len(peaks)
+    groups = ([(store.indices_of_fold(k), [r]) for k, r in enumerate(refiners)] if store is not None
+              else [(np.arange(len(peaks)), refiners)])
+    for rows, refs in groups:
+        for i, p in zip(rows, refine_peaks(refs, data.fines[rows], [coarse[i] for i in rows],
+                                           data.overviews.shape[1:], FineView.of(cfg.refine), own_size=True)):
+            own[i] = p
+    return {"coarse_only_anatomical": figures(data, coarse, anatomical, mm_per_px)["either_anatomical"],
+            "refiner_size_anatomical": figures(data, own, anatomical, mm_per_px)["either_anatomical"]}
+
+
 def shifted_phantom(tmp: Path, params, patients: int) -> tuple[Path, Path]:
     p = params.phantom.model_copy(update={"out": str(tmp / "phantom"), "masks_out": str(tmp / "masks"), "seed": 1,
                                           "nuisance": 1.5, "patients_per_class": patients})
@@ -76,7 +113,7 @@ def shifted_phantom(tmp: Path, params, patients: int) -> tuple[Path, Path]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=["mobilenetv3_small_100:128x256:25"])
+    parser.add_argument("--configs", nargs="+", default=["mobilenetv3_small_100:96x192:16:augment=1.5"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--shift-patients", type=int, default=30)
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
@@ -95,36 +132,31 @@ def main() -> int:
         for spec in args.configs:
             model, hw, epochs, *extra = spec.split(":")
             h, w = (int(v) for v in hw.split("x"))
-            settings = dict(item.split("=", 1) for item in extra)   # e.g. negatives=0.5:batch_size=16
-            cfg = LocateParams(model=model, size=(h, w), epochs=int(epochs), threads=args.threads, **settings)
-            data = annotated(store, data_root, cfg.size)
+            settings = dict(item.split("=", 1) for item in extra)   # e.g. negatives=0.5:refine.epochs=10
+            cfg = LocateParams(model=model, size=(h, w), epochs=int(epochs), threads=args.threads,
+                               **nested(settings))
+            data = annotated(store, data_root, cfg)
             anatomical = anatomical_mirror_boxes(data.boxes, masks_of(masks_root, store.manifest["file"]))
             started = time.perf_counter()
-            peaks, models = oof_localise(store, data, cfg)
+            peaks, models, refiners = oof_localise(store, data, cfg)
             seconds = time.perf_counter() - started
             oof = figures(data, peaks, anatomical, mm_per_px)
             base = [fixed_box(data.boxes, data.src_hw, store.indices_not_in_fold(k), store.indices_of_fold(k),
                               anatomical, mm_per_px) for k in range(store.n_folds)]
             oof["fixed_box"] = summary({key: np.concatenate([b[key] for b in base]) for key in base[0]})
-            # the same fold models without the test-time flip (each image and its mirror averaged)
-            flipped = [None] * len(peaks)
-            for k, m in enumerate(models):
-                test = store.indices_of_fold(k)
-                for i, p in zip(test, find_centres([m], data.overviews[test], flip=False)):
-                    flipped[i] = p
-            oof["no_flip_anatomical"] = figures(data, flipped, anatomical, mm_per_px)["either_anatomical"]
+            oof.update(ablations(data, peaks, models, refiners, store, anatomical, mm_per_px, cfg))
 
-            views = np.stack([overview(read_image(shift_root / f), cfg.size) for f in shift["file"]])
-            src_hw = np.tile([params.phantom.height, params.phantom.width], (len(shift), 1)).astype(np.float64)
-            sdata = Annotated(views, src_hw, shift[["box_x", "box_y", "box_w", "box_h"]].to_numpy(np.float64))
+            images = [read_image(shift_root / f) for f in shift["file"]]
+            src_hw = np.array([im.shape[:2] for im in images], dtype=np.float64)
+            overviews, fines = views_of(images, cfg)
+            sdata = Annotated(overviews, src_hw, shift[["box_x", "box_y", "box_w", "box_h"]].to_numpy(np.float64), fines)
             s_anat = anatomical_mirror_boxes(sdata.boxes, masks_of(shift_masks, shift["file"]))
-            s_peaks = find_centres(models, views)
+            s_peaks = fold_peaks(models, refiners, sdata, cfg)
             s_mm = params.phantom.field_width_mm / src_hw[:, 1]
             shifted = figures(sdata, s_peaks, s_anat, s_mm)
             every = np.arange(len(shift))
             shifted["fixed_box"] = summary(fixed_box(sdata.boxes, src_hw, every, every, s_anat, s_mm))
-            shifted["no_flip_anatomical"] = figures(sdata, find_centres(models, views, flip=False), s_anat,
-                                                      s_mm)["either_anatomical"]
+            shifted.update(ablations(sdata, s_peaks, models, refiners, None, s_anat, s_mm, cfg))
             oof["foreign_confidence"] = foreign_confidences(models, cfg.size)
             record = {"model": model, "size": [h, w], "epochs": int(epochs), "settings": settings,
                       "seconds_per_fold": seconds / store.n_folds,
@@ -144,7 +176,10 @@ def print_record(r: dict, n: int, n_shift: int) -> None:
     for name, figs, count in (("out-of-fold, default phantom", r["oof"], n),
                               ("fold ensemble, unseen phantom (seed 1, nuisance 1.5)", r["shifted_phantom"], n_shift)):
         print(f"  {name} ({count} images); confidence min {figs['confidence_min']:.2f}, median {figs['confidence_median']:.2f}")
-        for key in ("annotated_side", "either_image_mirror", "either_anatomical", "no_flip_anatomical", "fixed_box"):
+        for key in ("annotated_side", "either_image_mirror", "either_anatomical", "coarse_only_anatomical",
+                    "refiner_size_anatomical", "fixed_box"):
+            if key not in figs:
+                continue
             f = figs[key]
             p90 = f" (p90 {f['centre_error_mm_p90']:.2f})" if "centre_error_mm_p90" in f else ""
             print(f"    {key:<22} IoU {f['iou_mean']:.3f}  hit {f['hit_rate']:.3f}  centre error median "

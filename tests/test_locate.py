@@ -23,7 +23,9 @@ from src.data.imaging import read_image
 from src.data.preprocess import preprocess_image
 from src.localise.artifact import read_localiser_meta
 from src.localise.files import CROPS_FILE, FOLDS_DIR, OOF_FILE
-from src.localise.finder import BoxFinder
+from src.localise.finder import BoxFinder, peak_box
+from src.localise.fit import find_centres
+from src.localise.overview import overview
 from tests.train_helpers import TINY_MODEL, write_params
 
 FOLDS = 2
@@ -36,6 +38,7 @@ def stage_params(tmp: Path, **locate) -> dict:
                     "patients_per_class": 10, "followup_fraction": 0.3, "max_images_per_patient": 2, "seed": 3},
         "prepare": {"out": str(tmp / "prepared"), "mode": "crop", "folds": FOLDS, "crop": {"size": 32}},
         "locate": {"out": str(tmp / "localiser"), "epochs": 3, "threads": 1, "min_confidence": 1e-4,
+                   "refine": {"epochs": 2},
                    "unseen_phantom": {"patients_per_class": 3}, **locate},
         "train": {"out": str(tmp / "models"), "model": TINY_MODEL, "epochs": 1, "batch_size": 8, "threads": 1,
                   "device": "cpu", "channels_last": False, "scheduler": "none", "ema_decay": None},
@@ -74,6 +77,7 @@ def test_locate_writes_fold_localisers_oof_boxes_crops_and_metrics(located):
     for k in range(FOLDS):
         meta = read_localiser_meta(out / FOLDS_DIR / f"fold_{k}")
         assert meta.fold == k and meta.model == params.locate.model and meta.size == list(params.locate.size)
+        assert meta.refine == {"size": list(params.locate.refine.size), "window": list(params.locate.refine.window)}
     table = pd.read_csv(out / OOF_FILE)
     assert len(table) == len(store.images) and table["file"].tolist() == store.manifest["file"].tolist()
     assert (table["fold"] == store.folds).all() and table["iou"].between(0, 1).all()
@@ -144,6 +148,12 @@ def test_boxfinder_from_the_fold_folders_finds_a_box_on_a_raw_radiograph(located
     x, y, w, h = found.box
     assert 0 <= x + w / 2 < img.shape[1] and 0 <= y + h / 2 < img.shape[0] and w > 0 and h > 0
     assert found.confidence >= params.locate.min_confidence
+    # the refiners moved the overview networks' centre and kept their size and confidence
+    assert len(finder.refiners) == FOLDS and "centres refined in 64x96 windows of a 256x512 view" in finder.describe()
+    (coarse, _), = find_centres(finder.models, overview(img, finder.size)[None])
+    cx, cy, cw, ch = peak_box(coarse, (finder.size[1] / img.shape[1], finder.size[0] / img.shape[0]), img.shape[:2])
+    assert (w, h, found.confidence) == pytest.approx((cw, ch, coarse.confidence))
+    assert (x, y) != pytest.approx((cx, cy), abs=0.5)
 
 
 def test_evaluate_scores_the_chain_next_to_the_annotated_boxes(located):

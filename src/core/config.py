@@ -263,6 +263,38 @@ class UnseenPhantomParams(Section):
     patients_per_class: int = Field(30, ge=1)
 
 
+class RefineParams(Section):
+    enabled: bool = Field(True,
+        description="a second network re-finds each peak's centre (both sides) in a window of a finer view:\n"
+                    "the overview's 6 mm cells cannot place the box under the mental foramen (bench_locate.py)")
+    size: tuple[int, int] = Field((256, 512),
+        description="[height, width] of the finer view of the whole radiograph the windows are cut from")
+    window: tuple[int, int] = Field((64, 96),
+        description="[height, width] of the window around a coarse peak that the refiner sees")
+    epochs: int = Field(20, ge=1, description="one window per training image per epoch")
+    jitter: float = Field(0.13, ge=0.0, le=0.4,
+        description="sd of a training window's offset from the true centre, as a fraction of its side\n"
+                    "(clipped at 0.4): the coarse peak's errors the refiner learns to undo")
+
+    @field_validator("size", "window")
+    @classmethod
+    def _multiple_of_stride(cls, value):
+        return _stride_multiple(value)
+
+    @model_validator(mode="after")
+    def _window_inside(self):
+        if any(w > s for w, s in zip(self.window, self.size)):
+            raise ValueError(f"window {list(self.window)} is larger than the finer view {list(self.size)}; "
+                             "expected a window inside it")
+        return self
+
+
+def _stride_multiple(value):
+    if any(v < 32 or v % 16 for v in value):
+        raise ValueError(f"expected [height, width], each a multiple of 16 and at least 32 (got {list(value)})")
+    return value
+
+
 class LocateParams(Section):
     out: str = Field("localiser", description="fold localisers, oof_boxes.csv, crops from the found boxes, metrics")
     enabled: Union[Literal["auto"], bool] = Field("auto",
@@ -271,7 +303,7 @@ class LocateParams(Section):
         description="timm backbone with stride-4 features (features_only); the heads are CenterNet's")
     size: tuple[int, int] = Field((96, 192),
         description="[height, width] of the overview the whole radiograph is shrunk to")
-    epochs: int = Field(24, ge=1, description="sized for make repro on 2 CPU cores (benchmarks/bench_locate.py)")
+    epochs: int = Field(16, ge=1, description="sized for make repro on 2 CPU cores (benchmarks/bench_locate.py)")
     batch_size: int = Field(16, ge=2)
     lr: float = Field(3e-3, gt=0.0, le=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
@@ -289,15 +321,15 @@ class LocateParams(Section):
     both_sides: bool = Field(True,
         description="classify a crop on each side of the mandible and average (when the other side's peak\n"
                     "passes min_confidence); evaluate measures both ways (chain_*_oof_roc_auc)")
+    refine: RefineParams = Field(default_factory=RefineParams,
+        description="the refiner; model, batch_size, lr, weight_decay, sigma, augment and seed are the ones above")
     unseen_phantom: UnseenPhantomParams = Field(default_factory=UnseenPhantomParams,
         description="a phantom never trained on, scored by the fold ensemble")
 
     @field_validator("size")
     @classmethod
     def _multiple_of_stride(cls, value):
-        if any(v < 32 or v % 16 for v in value):
-            raise ValueError(f"expected [height, width], each a multiple of 16 and at least 32 (got {list(value)})")
-        return value
+        return _stride_multiple(value)
 
 
 # ----------------------------------------------------------------------- evaluate

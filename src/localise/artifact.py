@@ -1,5 +1,6 @@
-"""A fold localiser on disk: `localiser.pt` (state dict) + `meta.json` (what it needs to run and
-how it was made).  meta.json is written last, so a folder without it is unfinished.
+"""A fold localiser on disk: `localiser.pt` (state dict; with a refiner, {"localiser": ...,
+"refiner": ...}) + `meta.json` (what it needs to run and how it was made).  meta.json is written
+last, so a folder without it is unfinished.
 
 The same layout travels inside the registered model (artifacts `localiser_<k>`), so the served
 model finds boxes with exactly the networks the locate stage scored.
@@ -15,6 +16,7 @@ from src.core.fileio import atomic_path, atomic_write_json, read_json_object
 
 WEIGHTS_FILE = "localiser.pt"
 META_FILE = "meta.json"
+REFINED_KEYS = ("localiser", "refiner")
 
 
 @dataclass
@@ -27,6 +29,12 @@ class LocaliserMeta:
     fingerprint: str | None = None  # settings + data + code it was trained with (resume)
     mlflow_run_id: str | None = None
     figures: dict[str, Any] = field(default_factory=dict)  # its held-out fold's scores
+    refine: dict[str, list[int]] | None = None  # the refiner's {"size", "window"}; None: no refiner
+
+    def fine_view(self):
+        from src.localise.refine import FineView
+
+        return None if self.refine is None else FineView(tuple(self.refine["size"]), tuple(self.refine["window"]))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str) -> "LocaliserMeta":
@@ -37,13 +45,17 @@ class LocaliserMeta:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def save_localiser(directory: str | Path, state_dict, meta: LocaliserMeta) -> Path:
+def save_localiser(directory: str | Path, state_dict, meta: LocaliserMeta, refiner_state=None) -> Path:
     import torch
 
+    if (refiner_state is None) != (meta.refine is None):
+        raise BoneHealthError(f"{directory}: a refiner needs its view in meta.refine, and meta.refine its refiner")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    weights = dict(state_dict) if refiner_state is None else {REFINED_KEYS[0]: dict(state_dict),
+                                                               REFINED_KEYS[1]: dict(refiner_state)}
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
-        torch.save(dict(state_dict), tmp)
+        torch.save(weights, tmp)
     atomic_write_json(directory / META_FILE, asdict(meta))
     return directory
 
@@ -59,7 +71,7 @@ def read_localiser_meta(directory: str | Path) -> LocaliserMeta:
 
 
 def load_localiser(directory: str | Path):
-    """(network in eval mode, meta) from a localiser folder."""
+    """(network, refiner or None, meta) from a localiser folder, the networks in eval mode."""
     import torch
 
     from src.localise.network import (
@@ -71,11 +83,17 @@ def load_localiser(directory: str | Path):
         raise BoneHealthError(f"{directory}: not a localiser folder (expected {WEIGHTS_FILE} and {META_FILE}); "
                               "run `python -m src.locate`")
     meta = read_localiser_meta(directory)
-    model = Localiser(meta.model)
+    model, refiner = Localiser(meta.model), None if meta.refine is None else Localiser(meta.model)
     try:
         state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        if refiner is None:
+            model.load_state_dict(state)
+        else:
+            if set(state) != set(REFINED_KEYS):
+                raise RuntimeError(f"expected the weights of {' and '.join(REFINED_KEYS)} (meta.json names a refiner)")
+            model.load_state_dict(state[REFINED_KEYS[0]])
+            refiner.load_state_dict(state[REFINED_KEYS[1]])
     except (RuntimeError, OSError, EOFError) as exc:
         raise BoneHealthError(f"{directory / WEIGHTS_FILE}: cannot load the localiser "
                               f"({str(exc).splitlines()[0][:200]})") from None
-    return model.eval(), meta
+    return model.eval(), None if refiner is None else refiner.eval(), meta

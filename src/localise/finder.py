@@ -16,9 +16,9 @@ import numpy as np
 from src.core.errors import BoneHealthError, DataError
 from src.data.preprocess import Box
 from src.localise.artifact import LocaliserMeta, load_localiser
-from src.localise.fit import find_centres
 from src.localise.heatmap import Peak
 from src.localise.overview import overview
+from src.localise.refine import find_peaks
 
 
 class NoCortexFound(DataError):
@@ -53,13 +53,16 @@ class BoxFinder:
         if not directories:
             raise BoneHealthError("no localiser folders given")
         loaded = [load_localiser(d) for d in directories]
-        self.models = [m for m, _ in loaded]
-        self.metas: list[LocaliserMeta] = [meta for _, meta in loaded]
+        self.models = [m for m, _, _ in loaded]
+        self.refiners = [r for _, r, _ in loaded if r is not None]
+        self.metas: list[LocaliserMeta] = [meta for _, _, meta in loaded]
         first = self.metas[0]
         for directory, meta in zip(directories[1:], self.metas[1:]):
-            if (meta.model, list(meta.size)) != (first.model, list(first.size)):
-                raise BoneHealthError(f"{directory}: localiser {meta.model} at {meta.size} differs from "
-                                      f"{directories[0]} ({first.model} at {first.size}); expected one locate run")
+            if (meta.model, list(meta.size), meta.refine) != (first.model, list(first.size), first.refine):
+                raise BoneHealthError(f"{directory}: localiser {meta.model} at {meta.size} (refiner {meta.refine}) "
+                                      f"differs from {directories[0]} ({first.model} at {first.size}, refiner "
+                                      f"{first.refine}); expected one locate run")
+        self.view = first.fine_view()
 
     @property
     def size(self) -> tuple[int, int]:
@@ -75,7 +78,10 @@ class BoxFinder:
 
     def describe(self) -> str:
         m = self.metas[0]
-        return (f"{len(self.models)} fold localiser(s), {m.model} on {m.size[0]}x{m.size[1]} overviews, "
+        refined = "" if self.view is None else (
+            f", centres refined in {self.view.window[0]}x{self.view.window[1]} windows of a "
+            f"{self.view.size[0]}x{self.view.size[1]} view")
+        return (f"{len(self.models)} fold localiser(s), {m.model} on {m.size[0]}x{m.size[1]} overviews{refined}, "
                 f"min confidence {m.min_confidence:g}" + (", both sides averaged" if m.both_sides else ""))
 
     def locate(self, image: np.ndarray) -> Located:
@@ -83,7 +89,8 @@ class BoxFinder:
         image = np.asarray(image)
         src_h, src_w = image.shape[:2]
         h, w = self.size
-        best, other = find_centres(self.models, overview(image, (h, w))[None])[0]
+        fine = None if self.view is None else overview(image, self.view.size)[None]
+        best, other = find_peaks(self.models, self.refiners, overview(image, (h, w))[None], fine, self.view)[0]
         if best.confidence < self.min_confidence:
             raise NoCortexFound(
                 f"no mandibular cortex found: the localiser's best peak has confidence {best.confidence:.3f} "

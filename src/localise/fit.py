@@ -20,37 +20,54 @@ log = logging.getLogger(__name__)
 FLIP_TEST = True  # average each image's maps with its mirror's: +4 points of hits out of fold (bench_locate)
 
 
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # views (B, h, w) uint8, centres and sizes (B, 2) in pixels
+
+
 def train_localiser(overviews: np.ndarray, centres: np.ndarray, sizes: np.ndarray, cfg, seed: int,
                     label: str = "localiser", epoch_callback: Callable[[int, dict], None] | None = None) -> Localiser:
     """Train on `overviews` (N, h, w) uint8 with box centres and sizes (N, 2 each: x, y / w, h in
-    overview pixels), with the locate section `cfg`: AdamW, one-epoch warm-up, cosine to 1%, the
-    last epoch kept (there is no validation part to choose by, and a fixed schedule needs none)."""
+    overview pixels), with the locate section `cfg`: augmented views plus `cfg.negatives` images
+    without a cortex per image."""
+    def batch(idx: np.ndarray, rng: np.random.Generator) -> Batch:
+        views = [augment(overviews[i], tuple(centres[i]), rng, cfg.augment) for i in idx]
+        pts = np.array([v[1] for v in views], dtype=np.float32)
+        box = sizes[idx] * np.array([v[2] for v in views], dtype=np.float32)[:, None]
+        n_neg = int(rng.binomial(len(idx), cfg.negatives))
+        if n_neg:
+            views += [(negative(overviews[i], rng),) for i in rng.choice(idx, n_neg)]
+            pts = np.concatenate([pts, np.full((n_neg, 2), np.nan, dtype=np.float32)])
+            box = np.concatenate([box, np.full((n_neg, 2), np.nan, dtype=np.float32)])
+        return np.stack([v[0] for v in views]), pts, box
+
+    return train_heatmap(len(overviews), overviews.shape[1:], batch, cfg, cfg.epochs, seed, label, epoch_callback)
+
+
+def train_heatmap(n: int, shape: tuple[int, int], batch: Callable[[np.ndarray, np.random.Generator], Batch], cfg,
+                  epochs: int, seed: int, label: str, epoch_callback: Callable[[int, dict], None] | None = None
+                  ) -> Localiser:
+    """The loop the localiser and its refiner share: `epochs` passes over n items in batches of
+    cfg.batch_size, each turned into images of `shape` by `batch`; AdamW, one-epoch warm-up,
+    cosine to 1%, the last epoch kept (there is no validation part to choose by, and a fixed
+    schedule needs none)."""
     set_threads(cfg.threads)
     seed_everything(seed, False)
     rng = np.random.default_rng(seed)
-    h, w = overviews.shape[1:]
+    h, w = shape
     model = Localiser(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, math.ceil(len(overviews) / cfg.batch_size))
-    sched = warmup_cosine(opt, steps_per_epoch, cfg.epochs * steps_per_epoch)
-    for epoch in range(1, cfg.epochs + 1):
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    sched = warmup_cosine(opt, steps_per_epoch, epochs * steps_per_epoch)
+    for epoch in range(1, epochs + 1):
         model.train()
         started, losses = time.perf_counter(), []
-        order = rng.permutation(len(overviews))
+        order = rng.permutation(n)
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm needs two images
                 continue
-            views = [augment(overviews[i], tuple(centres[i]), rng, cfg.augment) for i in idx]
-            pts = np.array([v[1] for v in views], dtype=np.float32) / STRIDE
-            box = sizes[idx] * np.array([v[2] for v in views], dtype=np.float32)[:, None] / STRIDE
-            n_neg = int(rng.binomial(len(idx), cfg.negatives))
-            if n_neg:
-                views += [(negative(overviews[i], rng),) for i in rng.choice(idx, n_neg)]
-                pts = np.concatenate([pts, np.full((n_neg, 2), np.nan, dtype=np.float32)])
-                box = np.concatenate([box, np.full((n_neg, 2), np.nan, dtype=np.float32)])
-            x = to_input(np.stack([v[0] for v in views]))
-            loss = heatmap_loss(model(x), make_targets((h // STRIDE, w // STRIDE), pts, box, cfg.sigma))
+            views, pts, box = batch(idx, rng)
+            targets = make_targets((h // STRIDE, w // STRIDE), pts / STRIDE, box / STRIDE, cfg.sigma)
+            loss = heatmap_loss(model(to_input(views)), targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -58,7 +75,7 @@ def train_localiser(overviews: np.ndarray, centres: np.ndarray, sizes: np.ndarra
             losses.append(float(loss.detach()))
         record = {"train_loss": float(np.mean(losses)) if losses else float("nan"),
                   "images_per_s": len(order) / max(time.perf_counter() - started, 1e-9)}
-        log.info("%s epoch %d/%d: loss %.4f, %.1f img/s", label, epoch, cfg.epochs, record["train_loss"],
+        log.info("%s epoch %d/%d: loss %.4f, %.1f img/s", label, epoch, epochs, record["train_loss"],
                  record["images_per_s"])
         if epoch_callback is not None:
             epoch_callback(epoch, record)

@@ -49,11 +49,16 @@ from src.localise.files import (
     STATE_FILE,
 )
 from src.localise.finder import peak_box
-from src.localise.fit import find_centres, train_localiser
 from src.localise.foreign import foreign_confidences
 from src.localise.heatmap import Peak
-from src.localise.oof import Annotated, annotated, to_source
-from src.localise.overview import overview
+from src.localise.oof import (
+    Annotated,
+    annotated,
+    fold_peaks,
+    to_source,
+    train_fold,
+    views_of,
+)
 from src.localise.scores import (
     anatomical_mirror_boxes,
     fixed_box,
@@ -67,7 +72,7 @@ log = logging.getLogger(__name__)
 # The code a localiser's weights depend on: an edit elsewhere (scoring, the chain, this file)
 # rescores the reused folds instead of training them again.
 TRAINING_MODULES = ("localise/network.py", "localise/heatmap.py", "localise/overview.py", "localise/fit.py",
-                    "model/schedules.py")
+                    "localise/refine.py", "localise/oof.py", "model/schedules.py")
 # Settings that change neither the networks nor their scores (min_confidence and both_sides are
 # read at use: changing them must not retrain).
 RUN_ONLY_KEYS = ("out", "threads", "min_confidence", "both_sides", "unseen_phantom", "enabled")
@@ -124,19 +129,21 @@ def score(data: Annotated, peaks: list[tuple[Peak, Peak]], mirrors: np.ndarray, 
 
 # ----------------------------------------------------------------------------- training
 def fold_models(params: Params, store: PreparedStore, data: Annotated, fp: str, resume: bool,
-                mirrors: np.ndarray, mm: np.ndarray | None) -> tuple[list, list[tuple[Peak, Peak]], dict[int, float]]:
-    """(fold models, each image's out-of-fold peaks, seconds per fold trained now)."""
+                mirrors: np.ndarray, mm: np.ndarray | None
+                ) -> tuple[list, list, list[tuple[Peak, Peak]], dict[int, float]]:
+    """(fold models, their refiners (None: not refined), each image's out-of-fold peaks, seconds
+    per fold trained now)."""
     import mlflow
 
     cfg = params.locate
     peaks: list[tuple[Peak, Peak] | None] = [None] * len(data.overviews)
-    models, seconds = [], {}
+    models, refiners, seconds = [], [], {}
     for k in range(store.n_folds):
         train, test = store.indices_not_in_fold(k), store.indices_of_fold(k)
         directory = fold_path(cfg.out, k)
         if resume and is_localiser(directory) and read_localiser_meta(directory).fingerprint == fp:
-            model, meta = load_localiser(directory)
-            fold_peaks = find_centres([model], data.overviews[test])
+            model, refiner, meta = load_localiser(directory)
+            found = fold_peaks([model], [refiner], data.subset(test), cfg)
             log.info("locate: fold %d reused from %s", k, directory)
             if (meta.min_confidence, meta.both_sides) != (cfg.min_confidence, cfg.both_sides):
                 # read at use (predict, the served model): the folder must carry today's values
@@ -150,24 +157,26 @@ def fold_models(params: Params, store: PreparedStore, data: Annotated, fp: str, 
                 def on_epoch(epoch: int, record: dict) -> None:
                     mlflow.log_metrics({f"epoch/{key}": v for key, v in record.items()}, step=epoch)
 
-                model = train_localiser(data.overviews[train], data.centres[train], data.sizes[train], cfg,
-                                        cfg.seed + k, label=f"locate fold {k}", epoch_callback=on_epoch)
-                fold_peaks = find_centres([model], data.overviews[test])
-                sub = Annotated(data.overviews[test], data.src_hw[test], data.boxes[test])
-                fold_figs = figures("fold", score(sub, fold_peaks, mirrors[test], None if mm is None else mm[test]),
-                                    mm is not None)
+                model, refiner = train_fold(data, train, cfg, cfg.seed + k, f"locate fold {k}", on_epoch)
+                found = fold_peaks([model], [refiner], data.subset(test), cfg)
+                fold_figs = figures("fold", score(data.subset(test), found, mirrors[test],
+                                                  None if mm is None else mm[test]), mm is not None)
                 fold_figs["fold_seconds"] = time.perf_counter() - started
                 mlflow.log_metrics(tracking.mlflow_metrics(fold_figs))
+                refine = ({"size": list(cfg.refine.size), "window": list(cfg.refine.window)}
+                          if refiner is not None else None)
                 meta = LocaliserMeta(model=cfg.model, size=list(cfg.size), min_confidence=cfg.min_confidence,
                                      both_sides=cfg.both_sides, fold=k, fingerprint=fp,
-                                     mlflow_run_id=run.info.run_id, figures=fold_figs)
-                save_localiser(directory, model.state_dict(), meta)
+                                     mlflow_run_id=run.info.run_id, figures=fold_figs, refine=refine)
+                save_localiser(directory, model.state_dict(), meta,
+                               None if refiner is None else refiner.state_dict())
                 mlflow.log_artifacts(str(directory), artifact_path="localiser")
             seconds[k] = time.perf_counter() - started
-        for i, p in zip(test, fold_peaks):
+        for i, p in zip(test, found):
             peaks[i] = p
         models.append(model)
-    return models, peaks, seconds  # type: ignore[return-value]
+        refiners.append(refiner)
+    return models, refiners, peaks, seconds  # type: ignore[return-value]
 
 
 def parent_run(params: Params, store: PreparedStore, fp: str, resume: bool):
@@ -253,7 +262,7 @@ def save_array(path: Path, array: np.ndarray) -> Path:
     return path
 
 
-def unseen_phantom(params: Params, models: list) -> dict[str, float]:
+def unseen_phantom(params: Params, models: list, refiners: list) -> dict[str, float]:
     """The fold ensemble on a phantom it never saw (another seed, more nuisance)."""
     u = params.locate.unseen_phantom
     with tempfile.TemporaryDirectory(prefix="locate-unseen-") as tmp:
@@ -263,13 +272,12 @@ def unseen_phantom(params: Params, models: list) -> dict[str, float]:
         manifest = pd.read_csv(Path(p.out) / "manifest.csv")
         images = [read_image(Path(p.out) / f) for f in manifest["file"]]
         masks = [read_image(Path(p.masks_out) / Path(f).with_suffix(".png")) > 0.5 for f in manifest["file"]]
-    size = tuple(params.locate.size)
     src_hw = np.array([im.shape[:2] for im in images], dtype=np.float64)
-    data = Annotated(np.stack([overview(im, size) for im in images]), src_hw,
-                     manifest[["box_x", "box_y", "box_w", "box_h"]].to_numpy(np.float64))
+    overviews, fines = views_of(images, params.locate)
+    data = Annotated(overviews, src_hw, manifest[["box_x", "box_y", "box_w", "box_h"]].to_numpy(np.float64), fines)
     mirrors = anatomical_mirror_boxes(data.boxes, masks)
     mm = p.field_width_mm / src_hw[:, 1]
-    peaks = find_centres(models, data.overviews)
+    peaks = fold_peaks(models, refiners, data, params.locate)
     every = np.arange(len(images))
     out = figures("locate_unseen", score(data, peaks, mirrors, mm), True)
     out.update(figures("locate_unseen_fixed_box", fixed_box(data.boxes, src_hw, every, every, mirrors, mm), True))
@@ -289,12 +297,12 @@ def run_locate(params: Params, resume: bool = True) -> dict[str, Any]:
         return write_disabled(out, store)
     set_threads(cfg.threads)
     started = time.perf_counter()
-    data = annotated(store, store.meta["data_root"], tuple(cfg.size))
+    data = annotated(store, store.meta["data_root"], cfg)
     mirrors, other_side = other_side_boxes(params, store, data.boxes)
     mm = mm_per_pixel(params.data.root, params.phantom.out, params.phantom.field_width_mm, data.src_hw[:, 1])
     fp = fingerprint(cfg, store)
     with parent_run(params, store, fp, resume):
-        models, peaks, seconds = fold_models(params, store, data, fp, resume, mirrors, mm)
+        models, refiners, peaks, seconds = fold_models(params, store, data, fp, resume, mirrors, mm)
         scores = score(data, peaks, mirrors, mm)
         metrics: dict[str, Any] = figures("locate_oof", scores, mm is not None)
         drawn = annotated_side(data, peaks, mm)
@@ -317,7 +325,7 @@ def run_locate(params: Params, resume: bool = True) -> dict[str, Any]:
         if seconds:
             metrics["locate_seconds_per_fold"] = float(np.mean(list(seconds.values())))
         if _unseen_enabled(params):
-            metrics.update(unseen_phantom(params, models))
+            metrics.update(unseen_phantom(params, models, refiners))
         table = oof_table(store, data, peaks, scores, mirrors, cfg.min_confidence)
         if mm is not None:
             table["centre_error_mm"] = scores["error_mm"]
