@@ -17,6 +17,7 @@ CLASSES = ["C1", "C3"]
 MODEL = "test_efficientnet"
 LOCALISER = "mobilenetv3_small_100"
 LOCALISER_SIZE = [64, 128]
+LOCALISER_REFINE = {"size": [128, 256], "window": [48, 64], "jitter": 0.13}  # a refiner in every fold, as locate writes by default
 # An untrained localiser's peaks sit near its bias prior (~0.01): these thresholds make every
 # radiograph "found" or "not found", deterministically.
 FINDS_ALL, FINDS_NONE = 1e-6, 0.999
@@ -83,9 +84,10 @@ def make_checkpoints(params: Params, folds: int = 2, seed: int = 0, store_meta: 
 
 
 def make_localisers(params: Params, folds: int = 2, min_confidence: float = FINDS_ALL,
-                    both_sides: bool = False) -> list[Path]:
+                    both_sides: bool = False, refine: dict | None = LOCALISER_REFINE) -> list[Path]:
     """`folds` differently initialised, untrained localisers where the locate stage writes them
-    ({locate.out}/folds/fold_<k>), plus a stray file there as locate leaves its state.json."""
+    ({locate.out}/folds/fold_<k>), each with a refiner unless `refine` is None, plus a stray
+    file there as locate leaves its state.json."""
     from src.localise.artifact import LocaliserMeta, save_localiser
     from src.localise.network import Localiser
 
@@ -94,8 +96,9 @@ def make_localisers(params: Params, folds: int = 2, min_confidence: float = FIND
     for k in range(folds):
         torch.manual_seed(1000 + k)
         meta = LocaliserMeta(model=LOCALISER, size=list(LOCALISER_SIZE), min_confidence=min_confidence,
-                             both_sides=both_sides, fold=k)
-        out.append(save_localiser(root / f"fold_{k}", Localiser(LOCALISER).state_dict(), meta))
+                             both_sides=both_sides, fold=k, refine=refine)
+        refiner = None if refine is None else Localiser(LOCALISER).state_dict()
+        out.append(save_localiser(root / f"fold_{k}", Localiser(LOCALISER).state_dict(), meta, refiner))
         (root / f"fold_{k}" / "history.csv").write_text("epoch,loss\n0,1.0\n")  # must stay out of the model
     (root / "state.json").write_text("{}")
     return out

@@ -77,7 +77,8 @@ def test_locate_writes_fold_localisers_oof_boxes_crops_and_metrics(located):
     for k in range(FOLDS):
         meta = read_localiser_meta(out / FOLDS_DIR / f"fold_{k}")
         assert meta.fold == k and meta.model == params.locate.model and meta.size == list(params.locate.size)
-        assert meta.refine == {"size": list(params.locate.refine.size), "window": list(params.locate.refine.window)}
+        assert meta.refine == {"size": list(params.locate.refine.size), "window": list(params.locate.refine.window),
+                               "jitter": params.locate.refine.jitter}
     table = pd.read_csv(out / OOF_FILE)
     assert len(table) == len(store.images) and table["file"].tolist() == store.manifest["file"].tolist()
     assert (table["fold"] == store.folds).all() and table["iou"].between(0, 1).all()

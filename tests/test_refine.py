@@ -40,7 +40,7 @@ def test_refine_peaks_moves_both_centres_to_the_refiners_peak_in_overview_pixels
     for y, x in dots:
         fine[0, y, x] = 255
     coarse = (Peak(x=13.0, y=8.0, w=6.0, h=4.0, confidence=0.7), Peak(x=51.0, y=23.0, w=5.0, h=3.0, confidence=0.4))
-    view = FineView(size=(64, 128), window=(32, 48))
+    view = FineView(size=(64, 128), window=(32, 48), jitter=0.13)
     (best, other), = refine_peaks([_BrightPixelDetector()], fine, [coarse], (32, 64), view)
     for peak, before, (y, x) in zip((best, other), coarse, dots):
         assert (peak.x, peak.y) == pytest.approx(((x + 0.5) / 2, (y + 0.5) / 2), abs=1e-4)
@@ -82,10 +82,10 @@ def test_a_localiser_folder_carries_its_refiner_and_refuses_mismatched_weights(t
     torch.manual_seed(0)
     model, refiner = Localiser(BACKBONE), Localiser(BACKBONE)
     refined = LocaliserMeta(model=BACKBONE, size=[96, 192], min_confidence=0.2,
-                            refine={"size": [256, 512], "window": [64, 96]})
+                            refine={"size": [256, 512], "window": [64, 96], "jitter": 0.13})
     save_localiser(tmp_path / "both", model.state_dict(), refined, refiner.state_dict())
     got, got_refiner, meta = load_localiser(tmp_path / "both")
-    assert meta.fine_view() == FineView((256, 512), (64, 96))
+    assert meta.fine_view() == FineView((256, 512), (64, 96), 0.13)
     for a, b in ((model, got), (refiner, got_refiner)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
@@ -100,3 +100,35 @@ def test_a_localiser_folder_carries_its_refiner_and_refuses_mismatched_weights(t
     assert str(exc.value).startswith(f"{tmp_path / 'coarse' / 'localiser.pt'}: cannot load the localiser "
                                      "(expected the weights of localiser and refiner")
     assert "\n" not in str(exc.value)
+    refined.refine = {"size": [256, 512], "window": [64, 96]}
+    with pytest.raises(BoneHealthError, match="refine .*; expected size, window and jitter"):
+        refined.fine_view()
+
+
+class _TwoPeaks(torch.nn.Module):
+    """Every window, mirror-symmetric (the test-time flip keeps it): the top corners slightly more
+    likely (logit 2.5) than the four cells at the window centre (logit 2); offsets 0.5, sizes 1."""
+
+    def forward(self, x):
+        h, w = x.shape[2] // 4, x.shape[3] // 4
+        out = torch.zeros(len(x), 5, h, w)
+        out[:, 0] = -9.0
+        out[:, 0, 0, 0] = out[:, 0, 0, w - 1] = 2.5
+        out[:, 0, h // 2 - 1:h // 2 + 1, w // 2 - 1:w // 2 + 1] = 2.0
+        out[:, 1:3] = 0.5
+        return out
+
+
+def test_the_prior_prefers_the_peak_near_the_window_centre_where_the_refiner_was_trained():
+    view = FineView(size=(64, 128), window=(32, 48), jitter=0.13)
+    prior = view.prior()
+    assert prior.shape == (8, 12) and prior.max() == pytest.approx(np.exp(-0.5 * ((2 / 4.16) ** 2 + (2 / 6.24) ** 2)))
+    assert prior[3:5, 5:7].min() == prior.max() and prior[0, 0] < 1e-4 * prior.max()   # centred, symmetric
+    fine = np.zeros((1, 64, 128), dtype=np.uint8)
+    coarse = (Peak(x=16.0, y=8.0, w=6.0, h=4.0, confidence=0.7),) * 2
+    # the window's corner is (8, 0) in the finer view (2x the overview); cell (row 3, col 5) is
+    # the first of the central four, its centre at (5.5 * 4, 3.5 * 4) in the window
+    (best, _), = refine_peaks([_TwoPeaks()], fine, [coarse], (32, 64), view)
+    assert (best.x, best.y) == pytest.approx(((8 + 22.0) / 2, (0 + 14.0) / 2))
+    (flat, _), = refine_peaks([_TwoPeaks()], fine, [coarse], (32, 64), FineView((64, 128), (32, 48), 0.0))
+    assert (flat.x, flat.y) == pytest.approx(((8 + 2.0) / 2, (0 + 2.0) / 2))   # no prior: the corner

@@ -231,7 +231,8 @@ def test_crop_model_bundles_the_localiser_and_finds_missing_boxes(tmp_path, stor
     assert example["dataframe_split"]["columns"] == ["image"]  # the box is optional now
     card = (Path(params.register.out) / "model_card.md").read_text()
     assert ("- Crop box: given by the caller, else found by the bundled localiser: 2 fold localiser(s), "
-            "mobilenetv3_small_100 on 64x128 overviews, min confidence 1e-06; held-out hit rate 0.875 from "
+            "mobilenetv3_small_100 on 64x128 overviews, centres refined in 48x64 windows of a 128x256 view, "
+            "min confidence 1e-06; held-out hit rate 0.875 from "
             f"{Path(params.locate.out) / 'metrics.json'}.") in card
     assert "`box_source` (given or found)" in card
     assert MlflowClient().get_model_version("located-model", result.version).tags["n_localisers"] == "2"

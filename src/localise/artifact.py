@@ -29,12 +29,18 @@ class LocaliserMeta:
     fingerprint: str | None = None  # settings + data + code it was trained with (resume)
     mlflow_run_id: str | None = None
     figures: dict[str, Any] = field(default_factory=dict)  # its held-out fold's scores
-    refine: dict[str, list[int]] | None = None  # the refiner's {"size", "window"}; None: no refiner
+    refine: dict[str, Any] | None = None  # the refiner's FineView.as_meta(); None: no refiner
 
     def fine_view(self):
         from src.localise.refine import FineView
 
-        return None if self.refine is None else FineView(tuple(self.refine["size"]), tuple(self.refine["window"]))
+        if self.refine is None:
+            return None
+        try:
+            return FineView(tuple(self.refine["size"]), tuple(self.refine["window"]), float(self.refine["jitter"]))
+        except (KeyError, TypeError, ValueError):
+            raise BoneHealthError(f"meta.json of localiser fold {self.fold}: refine {self.refine!r}; expected "
+                                  "size, window and jitter (rerun `python -m src.locate`)") from None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str) -> "LocaliserMeta":

@@ -28,13 +28,30 @@ MAX_JITTER = 0.4  # of the window's side: the true centre always lies inside the
 
 @dataclass(frozen=True)
 class FineView:
-    """Where the refiner looks: windows of `window` pixels cut from the radiograph shrunk to `size`."""
+    """Where the refiner looks: windows of `window` pixels cut from the radiograph shrunk to `size`,
+    placed `jitter` (sd, a fraction of the window's side) off the true centre in training."""
     size: tuple[int, int]    # [h, w] of the finer view
     window: tuple[int, int]  # [h, w] of the window around a peak
+    jitter: float
 
     @classmethod
     def of(cls, refine_cfg) -> "FineView":
-        return cls(tuple(refine_cfg.size), tuple(refine_cfg.window))
+        return cls(tuple(refine_cfg.size), tuple(refine_cfg.window), float(refine_cfg.jitter))
+
+    def as_meta(self) -> dict:
+        return {"size": list(self.size), "window": list(self.window), "jitter": self.jitter}
+
+    def prior(self) -> np.ndarray:
+        """(h/4, w/4) weights of the refiner's cells: the training offsets' Gaussian around the
+        window centre.  The refiner never saw the centre near a window edge; without the prior
+        a few peaks jumped there from a good coarse peak (3 of 217 out of fold 15 mm off; with it
+        none of the best peaks is more than 4.5 mm off)."""
+        h, w = self.window
+        ys = (np.arange(h // STRIDE) + 0.5) * STRIDE - h / 2
+        xs = (np.arange(w // STRIDE) + 0.5) * STRIDE - w / 2
+        if self.jitter <= 0:
+            return np.ones((len(ys), len(xs)))
+        return np.exp(-0.5 * ((ys[:, None] / (self.jitter * h)) ** 2 + (xs[None, :] / (self.jitter * w)) ** 2))
 
 
 def cut_window(fine: np.ndarray, centre: tuple[float, float], window: tuple[int, int]
@@ -73,8 +90,9 @@ def train_refiner(fines: np.ndarray, centres: np.ndarray, sizes: np.ndarray, cfg
 def refine_peaks(refiners: Sequence[Localiser], fines: np.ndarray, peaks: list[tuple[Peak, Peak]],
                  overview_size: tuple[int, int], view: FineView, own_size: bool = False) -> list[tuple[Peak, Peak]]:
     """Both peaks of each image (overview pixels) with their centres re-found by `refiners`
-    (averaged, with the test-time flip) in a window of the image's finer view; with `own_size`
-    the refiner's box size too (bench_locate.py's ablation)."""
+    (averaged, with the test-time flip; their probabilities weighted by the view's prior) in a
+    window of the image's finer view; with `own_size` the refiner's box size too (bench_locate.py's
+    ablation)."""
     if not peaks:
         return []
     to_fine = np.array([view.size[1] / overview_size[1], view.size[0] / overview_size[0]])
@@ -85,6 +103,7 @@ def refine_peaks(refiners: Sequence[Localiser], fines: np.ndarray, peaks: list[t
             windows.append(win)
             corners.append(corner)
     maps = predict_maps(refiners, np.stack(windows))
+    maps[:, 0] *= view.prior()
     found = []
     for out, corner, p in zip(maps, corners, (p for pair in peaks for p in pair)):
         best, _ = decode(out, STRIDE)

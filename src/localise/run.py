@@ -59,6 +59,7 @@ from src.localise.oof import (
     train_fold,
     views_of,
 )
+from src.localise.refine import FineView
 from src.localise.scores import (
     anatomical_mirror_boxes,
     fixed_box,
@@ -163,8 +164,7 @@ def fold_models(params: Params, store: PreparedStore, data: Annotated, fp: str, 
                                                   None if mm is None else mm[test]), mm is not None)
                 fold_figs["fold_seconds"] = time.perf_counter() - started
                 mlflow.log_metrics(tracking.mlflow_metrics(fold_figs))
-                refine = ({"size": list(cfg.refine.size), "window": list(cfg.refine.window)}
-                          if refiner is not None else None)
+                refine = FineView.of(cfg.refine).as_meta() if refiner is not None else None
                 meta = LocaliserMeta(model=cfg.model, size=list(cfg.size), min_confidence=cfg.min_confidence,
                                      both_sides=cfg.both_sides, fold=k, fingerprint=fp,
                                      mlflow_run_id=run.info.run_id, figures=fold_figs, refine=refine)
