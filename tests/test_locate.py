@@ -108,6 +108,8 @@ def test_locate_writes_fold_localisers_oof_boxes_crops_and_metrics(located):
     assert all(f.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for f in folds)
     client = MlflowClient()
     assert len(client.get_metric_history(folds[0].info.run_id, "epoch/train_loss")) == params.locate.epochs
+    assert len(client.get_metric_history(folds[0].info.run_id, "epoch/refine_train_loss")) == \
+        params.locate.refine.epochs
     assert {a.path for a in client.list_artifacts(folds[0].info.run_id, "localiser")} >= {
         "localiser/localiser.pt", "localiser/meta.json"}
 
@@ -155,6 +157,23 @@ def test_boxfinder_from_the_fold_folders_finds_a_box_on_a_raw_radiograph(located
     cx, cy, cw, ch = peak_box(coarse, (finder.size[1] / img.shape[1], finder.size[0] / img.shape[0]), img.shape[:2])
     assert (w, h, found.confidence) == pytest.approx((cw, ch, coarse.confidence))
     assert (x, y) != pytest.approx((cx, cy), abs=0.5)
+
+
+def test_without_the_refiner_the_overview_networks_alone_find_the_box(tmp_path, located):
+    _, params, path = located
+    out = tmp_path / "coarse"
+    assert locate_stage.main(["--params", path, "--set", f"locate.out={out}", "--set", "locate.refine.enabled=false",
+                              "--set", "locate.unseen_phantom.enabled=false"]) == 0
+    dirs = sorted((out / FOLDS_DIR).glob("fold_*"))
+    assert [read_localiser_meta(d).refine for d in dirs] == [None] * FOLDS
+    finder = BoxFinder(dirs)
+    assert finder.refiners == [] and "refined" not in finder.describe()
+    img = read_image(Path(params.data.root) / PreparedStore.open(params.prepare.out).manifest["file"][0])
+    (coarse, _), = find_centres(finder.models, overview(img, finder.size)[None])
+    box = peak_box(coarse, (finder.size[1] / img.shape[1], finder.size[0] / img.shape[0]), img.shape[:2])
+    assert finder.locate(img).box == pytest.approx(box)
+    table = pd.read_csv(out / OOF_FILE)
+    assert len(table) == len(PreparedStore.open(params.prepare.out).images) and table["iou"].between(0, 1).all()
 
 
 def test_evaluate_scores_the_chain_next_to_the_annotated_boxes(located):

@@ -32,6 +32,7 @@ class LocaliserMeta:
     refine: dict[str, Any] | None = None  # the refiner's FineView.as_meta(); None: no refiner
 
     def fine_view(self):
+        # refine needs torch and timm: not for readers of meta.json only
         from src.localise.refine import FineView
 
         if self.refine is None:
