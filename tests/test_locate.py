@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import mlflow
 import numpy as np
 import pandas as pd
@@ -157,6 +158,11 @@ def test_boxfinder_from_the_fold_folders_finds_a_box_on_a_raw_radiograph(located
     cx, cy, cw, ch = peak_box(coarse, (finder.size[1] / img.shape[1], finder.size[0] / img.shape[0]), img.shape[:2])
     assert (w, h, found.confidence) == pytest.approx((cw, ch, coarse.confidence))
     assert (x, y) != pytest.approx((cx, cy), abs=0.5)
+    # the same radiograph scanned at another size: the same place, in its own pixels
+    big = cv2.resize(img, (img.shape[1] * 3 // 2, img.shape[0] * 2), interpolation=cv2.INTER_LINEAR)
+    bx, by, bw, bh = finder.locate(big).box
+    centre = np.array([x + w / 2, y + h / 2]) * (1.5, 2.0)
+    assert np.hypot(*(np.array([bx + bw / 2, by + bh / 2]) - centre)) < 0.02 * big.shape[1]
 
 
 def test_without_the_refiner_the_overview_networks_alone_find_the_box(tmp_path, located):
