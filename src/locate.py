@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  unseen phantom (seed {params.locate.unseen_phantom.seed}, nuisance "
               f"{params.locate.unseen_phantom.nuisance:g}): {f('unseen_hit', '.1%')}, median "
               f"{f('unseen_mm', '.2f')} mm")
+    if m.get("locate_warning"):
+        print(f"  WARNING: {m['locate_warning']}")
     return 0
 
 

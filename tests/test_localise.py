@@ -92,7 +92,7 @@ def tiny_phantom(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
 
 def test_localiser_learns_the_cortex_better_than_a_fixed_box(tiny_phantom):
     root, manifest = tiny_phantom
-    cfg = LocateParams(size=(128, 256), epochs=25, lr=3e-3, threads=1)
+    cfg = LocateParams(size=(128, 256), epochs=25, min_steps=0, lr=3e-3, threads=1)
     data = Annotated(np.stack([overview(read_image(root / f), cfg.size) for f in manifest["file"]]),
                      np.tile([256.0, 512.0], (len(manifest), 1)),
                      manifest[["box_x", "box_y", "box_w", "box_h"]].to_numpy(float))

@@ -38,7 +38,7 @@ def stage_params(tmp: Path, **locate) -> dict:
         "phantom": {"out": str(tmp / "phantom"), "masks_out": str(tmp / "masks"), "width": 512, "height": 256,
                     "patients_per_class": 10, "followup_fraction": 0.3, "max_images_per_patient": 2, "seed": 3},
         "prepare": {"out": str(tmp / "prepared"), "mode": "crop", "folds": FOLDS, "crop": {"size": 32}},
-        "locate": {"out": str(tmp / "localiser"), "epochs": 3, "threads": 1, "min_confidence": 1e-4,
+        "locate": {"out": str(tmp / "localiser"), "epochs": 3, "min_steps": 0, "threads": 1, "min_confidence": 1e-4,
                    "refine": {"epochs": 2},
                    "unseen_phantom": {"patients_per_class": 3}, **locate},
         "train": {"out": str(tmp / "models"), "model": TINY_MODEL, "epochs": 1, "batch_size": 8, "threads": 1,
@@ -163,6 +163,27 @@ def test_boxfinder_from_the_fold_folders_finds_a_box_on_a_raw_radiograph(located
     bx, by, bw, bh = finder.locate(big).box
     centre = np.array([x + w / 2, y + h / 2]) * (1.5, 2.0)
     assert np.hypot(*(np.array([bx + bw / 2, by + bh / 2]) - centre)) < 0.02 * big.shape[1]
+
+
+def test_localisers_no_better_than_a_fixed_box_are_flagged(located):
+    """The module's localisers are trained 3 epochs with min_steps 0 on 20 images: they find
+    fewer boxes than a fixed box, and the stage says so (metrics.json, the parent run's tag)."""
+    _, params, _ = located
+    m = json.loads((Path(params.locate.out) / "metrics.json").read_text())
+    assert max(m["locate_oof_hit_rate"], m["locate_annotated_side_hit_rate"]) <= m["locate_fixed_box_hit_rate"]
+    assert m["locate_warning"].startswith("the localisers find ") and "no more than a fixed box" in m["locate_warning"]
+    parents = [r for r in fold_runs(params) if "fold" not in r.data.tags]
+    assert parents and all(r.data.tags["bone_health.warnings"] == m["locate_warning"] for r in parents)
+
+
+def test_a_small_set_trains_up_to_min_steps():
+    from src.core.config import LocateParams
+    from src.localise.fit import epochs_for
+
+    cfg = LocateParams(batch_size=16, min_steps=160)
+    assert epochs_for(16, 173, cfg) == 16          # the default phantom's folds: 11 steps x 16 = 176
+    assert epochs_for(16, 52, cfg) == 40           # 4 steps per epoch
+    assert epochs_for(16, 52, cfg.model_copy(update={"min_steps": 0})) == 16
 
 
 def test_without_the_refiner_the_overview_networks_alone_find_the_box(tmp_path, located):

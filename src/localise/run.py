@@ -324,6 +324,11 @@ def run_locate(params: Params, resume: bool = True) -> dict[str, Any]:
         metrics.update({f"locate_foreign_confidence_{name}": v for name, v in foreign.items()})
         if seconds:
             metrics["locate_seconds_per_fold"] = float(np.mean(list(seconds.values())))
+        warning = worse_than_fixed_box(metrics)
+        if warning:
+            log.warning("locate: %s", warning)
+            metrics["locate_warning"] = warning
+            mlflow.set_tag("bone_health.warnings", warning)
         if _unseen_enabled(params):
             metrics.update(unseen_phantom(params, models, refiners))
         table = oof_table(store, data, peaks, scores, mirrors, cfg.min_confidence)
@@ -341,6 +346,19 @@ def run_locate(params: Params, resume: bool = True) -> dict[str, Any]:
         for name in (OOF_FILE, "metrics.json", EXAMPLES_FILE):
             mlflow.log_artifact(str(out / name))
     return metrics
+
+
+def worse_than_fixed_box(metrics: dict[str, Any]) -> str | None:
+    """A warning when the localisers find no more boxes out of fold than a fixed box does (the
+    peak on either side, and the peak on the annotated side, both at most the fixed box's hits):
+    their boxes must not be served as if they were found."""
+    found = max(metrics["locate_oof_hit_rate"], metrics["locate_annotated_side_hit_rate"])
+    fixed = metrics["locate_fixed_box_hit_rate"]
+    if found > fixed:
+        return None
+    return (f"the localisers find {found:.1%} of the boxes out of fold (IoU >= 0.5), no more than a fixed box "
+            f"({fixed:.1%}): do not trust the boxes they find; annotate more images, or train longer "
+            "(locate.min_steps, locate.epochs)")
 
 
 def annotated_side(data: Annotated, peaks, mm: np.ndarray | None) -> dict[str, np.ndarray]:
