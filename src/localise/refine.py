@@ -44,8 +44,8 @@ class FineView:
     def prior(self) -> np.ndarray:
         """(h/4, w/4) weights of the refiner's cells: the training offsets' Gaussian around the
         window centre.  The refiner never saw the centre near a window edge; without the prior
-        a few peaks jumped there from a good coarse peak (3 of 217 out of fold 15 mm off; with it
-        none of the best peaks is more than 4.5 mm off)."""
+        a few peaks jumped there from a good coarse peak (3 of 217 out of fold, 11-15 mm off; with
+        it none of the best peaks is more than 4.5 mm off)."""
         h, w = self.window
         ys = (np.arange(h // STRIDE) + 0.5) * STRIDE - h / 2
         xs = (np.arange(w // STRIDE) + 0.5) * STRIDE - w / 2
