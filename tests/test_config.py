@@ -104,8 +104,8 @@ def test_a_union_setting_says_every_accepted_form_in_one_line(tmp_path, override
                               "(got [100, 200])"),
     ("locate.negatives=2", "locate.negatives: Input should be less than or equal to 1"),
     ("locate.unseen_phantom.enabled=sometimes", "locate.unseen_phantom.enabled: got 'sometimes'"),
-    ("locate.refine.window=[320,96]", "locate.refine: window [320, 96] is larger than the finer view [256, 512]; "
-                                      "expected a window inside it"),
+    ("locate.refine.window=[320,96]", ("locate.refine: window [320, 96] is larger than the finer view [256, 512]; "
+                                       "expected a window inside it")),
     ("locate.refine.size=[100,200]", "locate.refine.size: expected [height, width], each a multiple of 16"),
     ("locate.refine.jitter=0.5", "locate.refine.jitter: Input should be less than or equal to 0.4"),
 ])

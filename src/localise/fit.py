@@ -65,10 +65,11 @@ def train_heatmap(n: int, shape: tuple[int, int], batch: Callable[[np.ndarray, n
     model = Localiser(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
-    if epochs * steps_per_epoch < cfg.min_steps:
+    needed = epochs_for(epochs, n, cfg)
+    if needed > epochs:
         log.info("%s: %d epochs instead of %d: %d images give %d steps per epoch (locate.min_steps %d)", label,
-                 math.ceil(cfg.min_steps / steps_per_epoch), epochs, n, steps_per_epoch, cfg.min_steps)
-    epochs = epochs_for(epochs, n, cfg)
+                 needed, epochs, n, steps_per_epoch, cfg.min_steps)
+    epochs = needed
     sched = warmup_cosine(opt, steps_per_epoch, epochs * steps_per_epoch)
     for epoch in range(1, epochs + 1):
         model.train()

@@ -31,15 +31,20 @@ class Annotated:
         h, w = (self.overviews if views is None else views).shape[1:]
         return np.array([w, h], dtype=np.float64) / self.src_hw[:, ::-1]
 
+    def boxes_in(self, views: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(centres, sizes), (N, 2) each, in pixels of `views` (the overviews by default)."""
+        scale = self.scale(views)
+        return (self.boxes[:, :2] + self.boxes[:, 2:] / 2) * scale, self.boxes[:, 2:] * scale
+
     @property
     def centres(self) -> np.ndarray:
-        return (self.boxes[:, :2] + self.boxes[:, 2:] / 2) * self.scale()
+        return self.boxes_in()[0]
 
     @property
     def sizes(self) -> np.ndarray:
-        return self.boxes[:, 2:] * self.scale()
+        return self.boxes_in()[1]
 
-    def subset(self, rows: np.ndarray) -> "Annotated":
+    def subset(self, rows: np.ndarray) -> Annotated:
         return Annotated(self.overviews[rows], self.src_hw[rows], self.boxes[rows],
                          None if self.fines is None else self.fines[rows])
 
@@ -72,9 +77,8 @@ def train_fold(data: Annotated, rows: np.ndarray, cfg: LocateParams, seed: int, 
                             epoch_callback=epoch_callback)
     if part.fines is None:
         return model, None
-    fine_scale = part.scale(part.fines)
-    centres = (part.boxes[:, :2] + part.boxes[:, 2:] / 2) * fine_scale
-    refiner = train_refiner(part.fines, centres, part.boxes[:, 2:] * fine_scale, cfg, seed,
+    centres, sizes = part.boxes_in(part.fines)
+    refiner = train_refiner(part.fines, centres, sizes, cfg, seed,
                             label=f"{label} refiner",
                             epoch_callback=None if epoch_callback is None else
                             (lambda epoch, record: epoch_callback(epoch, {f"refine_{k}": v for k, v in record.items()})))

@@ -13,8 +13,8 @@ The confidence stays the overview network's too: it says whether there is a cort
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -35,7 +35,7 @@ class FineView:
     jitter: float
 
     @classmethod
-    def of(cls, refine_cfg) -> "FineView":
+    def of(cls, refine_cfg) -> FineView:
         return cls(tuple(refine_cfg.size), tuple(refine_cfg.window), float(refine_cfg.jitter))
 
     def as_meta(self) -> dict:
@@ -59,7 +59,7 @@ def cut_window(fine: np.ndarray, centre: tuple[float, float], window: tuple[int,
     """The (h, w) window of a finer view around centre (x, y), edge pixels repeated beyond the
     image (a peak near a border still gets a whole window), and its top-left corner."""
     h, w = window
-    x0, y0 = int(round(centre[0] - w / 2)), int(round(centre[1] - h / 2))
+    x0, y0 = round(centre[0] - w / 2), round(centre[1] - h / 2)
     rows = np.clip(np.arange(y0, y0 + h), 0, fine.shape[0] - 1)
     cols = np.clip(np.arange(x0, x0 + w), 0, fine.shape[1] - 1)
     return fine[np.ix_(rows, cols)], (x0, y0)
@@ -108,7 +108,7 @@ def refine_peaks(refiners: Sequence[Localiser], fines: np.ndarray, peaks: list[t
     for out, corner, p in zip(maps, corners, (p for pair in peaks for p in pair)):
         best, _ = decode(out, STRIDE)
         x, y = (np.array([best.x, best.y]) + corner) / to_fine
-        size = dict(w=best.w / to_fine[0], h=best.h / to_fine[1]) if own_size else {}
+        size = {"w": best.w / to_fine[0], "h": best.h / to_fine[1]} if own_size else {}
         found.append(replace(p, x=float(x), y=float(y), **size))
     return [(found[2 * i], found[2 * i + 1]) for i in range(len(peaks))]
 
