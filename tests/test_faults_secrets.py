@@ -143,22 +143,31 @@ def _create_user_db(admin_url: str) -> str:
 
 
 def _watch_argv(proc: subprocess.Popen, timeout: float) -> list[list[str]]:
-    """The command lines of `proc`'s descendants, sampled until it exits."""
-    seen: dict[int, list[str]] = {}
+    """Every command line `proc`'s descendants showed, one entry per (process, command line), sampled until it exits.
+
+    A child between fork and exec (or forked without exec) still shows the command line of the process
+    that forked it. That copy discloses nothing its parent's own /proc entry does not, so it is left out:
+    the test judges what each program was started with. Each process is sampled again after its exec.
+    """
+    seen: set[tuple[int, tuple[str, ...]]] = set()
     deadline = time.time() + timeout
-    parent = psutil.Process(proc.pid)
+    root = psutil.Process(proc.pid)
     while proc.poll() is None and time.time() < deadline:
         try:
-            for child in parent.children(recursive=True):
-                if child.pid not in seen:
-                    try:
-                        seen[child.pid] = child.cmdline()
-                    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                        pass
-        except psutil.NoSuchProcess:
+            cmdlines = {root.pid: root.cmdline()}
+            children = root.children(recursive=True)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
             break
+        for child in children:  # parents come before their children in psutil's walk
+            try:
+                cmdline, ppid = child.cmdline(), child.ppid()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            cmdlines[child.pid] = cmdline
+            if cmdline and cmdline != cmdlines.get(ppid):
+                seen.add((child.pid, tuple(cmdline)))
         time.sleep(0.1)
-    return list(seen.values())
+    return [list(cmdline) for _, cmdline in seen]
 
 
 @pytest.mark.slow
