@@ -114,6 +114,16 @@ def test_locate_settings_are_checked_in_one_line(tmp_path, override, message):
     assert msg.startswith(f"{path}: {message}") and "\n" not in msg
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.checkpoint_from=1.0", "train.checkpoint_from: Input should be less than 1"),
+    ("train.checkpoint_from=-0.1", "train.checkpoint_from: Input should be greater than or equal to 0"),
+    ("train.checkpoint=best", "train.checkpoint: Input should be 'val_auc', 'val_loss' or 'last'"),
+])
+def test_checkpoint_settings_are_checked_in_one_line(tmp_path, override, message):
+    path, msg = refusal(tmp_path, override)
+    assert msg.startswith(f"{path}: {message}") and "\n" not in msg
+
+
 def test_early_stopping_without_a_criterion_is_refused(tmp_path):
     path = write(tmp_path, {})
     with pytest.raises(ParamsError) as exc:

@@ -27,7 +27,7 @@ from src.data.splits import fold_split
 from src.model.cross_validation import run_cv
 from src.model.engine import build_engine, ema_decay_for
 from src.model.factory import load_checkpoint, predict_proba
-from src.model.fit import checkpoint_meta, train_all, train_fold
+from src.model.fit import checkpoint_meta, first_checkpoint_epoch, train_all, train_fold
 from src.train import main as train_main
 from tests.train_helpers import make_tiny_store, tiny_params, write_params
 
@@ -134,6 +134,31 @@ def test_ema_auto_spans_a_tenth_of_the_run_and_is_off_for_short_runs(tmp_path):
     engine = build_engine(cfg, meta, torch.device("cpu"), store.labels, total_steps=400)
     assert engine.ema is not None and engine.ema.decay == pytest.approx(0.975)
     assert build_engine(cfg, meta, torch.device("cpu"), store.labels, total_steps=20).ema is None
+
+
+@pytest.mark.parametrize("criterion", ["val_auc", "val_loss"])
+def test_checkpoint_from_keeps_no_epoch_of_the_first_share(tmp_path, criterion):
+    root = make_tiny_store(tmp_path / "s", n_per_class=8, folds=2)
+    store = PreparedStore.open(root)
+    params = tiny_params(tmp_path, root, epochs=5, checkpoint=criterion, checkpoint_from=0.5, early_stopping_patience=1)
+    assert first_checkpoint_epoch(params.train) == 3  # floor(0.5 * 5) + 1
+    res = train_fold(params, store, 0, tmp_path / "m")
+    history = pd.DataFrame(res.history)
+    # patience 1 counts only from epoch 3: epochs 1-2 can be as stale as they like
+    assert len(history) >= 4
+    later = history[history["epoch"] >= 3]
+    if criterion == "val_loss":
+        expected = int(later.loc[later["val_loss"].idxmin(), "epoch"])
+    else:
+        expected = int(later[later["val_auc"] == later["val_auc"].max()].sort_values("val_loss").iloc[0]["epoch"])
+    assert res.best_epoch == expected >= 3
+    model, meta = load_checkpoint(tmp_path / "m")
+    rows = res.test_predictions["index"].to_numpy()
+    assert np.allclose(predict_proba(model, np.asarray(store.images[rows]), meta)[:, 1],
+                       res.test_predictions["prob_C3"], atol=1e-5)
+    assert first_checkpoint_epoch(params.train.model_copy(update={"checkpoint": "last"})) == 1
+    assert first_checkpoint_epoch(params.train.model_copy(update={"checkpoint_from": 0.0})) == 1
+    assert first_checkpoint_epoch(params.train.model_copy(update={"checkpoint_from": 0.99, "epochs": 18})) == 18
 
 
 @pytest.mark.parametrize("criterion", ["val_auc", "val_loss", "last"])

@@ -106,7 +106,7 @@ def tiny_params(tmp_path: str | Path, store: str | Path, **train: Any) -> Params
         "threads": 1,
         # The tests of early stopping and best-epoch choice need a criterion; the shipped
         # default (last) is covered by test_checkpoint_criterion_picks_the_epoch_it_names.
-        "checkpoint": "val_auc",
+        "checkpoint": "val_auc", "checkpoint_from": 0.0,
     }
     train_cfg.update(train)
     raw = {

@@ -217,8 +217,11 @@ class TrainParams(Section):
     ema_decay: Optional[Union[Literal["auto"], float]] = Field("auto",
         description='EMA of the weights (warm-up ramp) for validation, checkpoint, test; auto: averages\n'
                     'over the last ~10% of the run\'s optimiser steps, off under 50 steps; null: off')
-    checkpoint: Literal["val_auc", "val_loss", "last"] = Field("last",
+    checkpoint: Literal["val_auc", "val_loss", "last"] = Field("val_loss",
         description='weights kept: val_auc (best inner-val AUC, ties by loss) | val_loss | last epoch')
+    checkpoint_from: float = Field(0.5, ge=0.0, lt=1.0,
+        description='val_auc/val_loss choose among the epochs after this share of train.epochs (0: all);\n'
+                    'early stopping counts from there too')
     seed: int = 0
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description='auto: cuda, then mps, then cpu')
