@@ -18,6 +18,11 @@ phantom, and the goals of issue 19 as PASS/FAIL.  Writes every record and the su
 Wall time: runs with one thread go `--parallel` at a time (two on two cores), runs with more
 threads one at a time, so no run's threads compete with another's; the seconds printed are each
 run's own, with whatever ran beside it.
+
+Each finished run is appended to `--out` + `.records.jsonl` at once, under the settings it ran
+with; a rerun with the same settings skips those runs, so an interrupted or failed benchmark
+resumes where it stopped (the file is removed once `--out` is written).  The runs score the
+classifier alone: each gets its own empty `locate.out`, so evaluate scores no localiser chain.
 """
 from __future__ import annotations
 
@@ -79,6 +84,7 @@ def user_sets(args) -> dict[str, str]:
 def one_run(args, tmp: Path, phantom: str, store: Path, seed: int, threads: int) -> dict:
     out = tmp / f"{phantom}-s{seed}-t{threads}"
     sets = {"prepare.out": store, "train.out": out / "models", "evaluate.out": out / "reports",
+            "locate.out": out / "localiser",
             "mlflow.tracking_uri": f"sqlite:///{out / 'mlruns.db'}", "mlflow.artifact_root": out / "artifacts",
             "train.seed": seed, "train.threads": threads, **user_sets(args)}
     started = time.perf_counter()
@@ -98,6 +104,25 @@ def one_run(args, tmp: Path, phantom: str, store: Path, seed: int, threads: int)
         "n_collapsed_folds": int(metrics["n_collapsed_folds"]),
         "seconds": round(seconds, 1),
     }
+
+
+def done_records(path: Path, settings: dict) -> dict[tuple, dict]:
+    """The runs a previous invocation with the same settings finished: {(phantom, seed, threads): record}."""
+    if not path.is_file():
+        return {}
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not lines or lines[0].get("settings") != settings:
+        return {}
+    return {(r["phantom"], r["seed"], r["threads"]): r for r in lines[1:]}
+
+
+def append_record(path: Path, settings: dict, record: dict) -> None:
+    if not path.is_file() or path.stat().st_size == 0:
+        path.write_text(json.dumps({"settings": settings}) + "\n")
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def summary(records: list[dict]) -> dict:
@@ -124,6 +149,16 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     thread_counts = [int(t) for t in args.threads.split(",")]
 
+    settings = {"seeds": seeds, "threads": thread_counts, "small_patients_per_class": args.small_patients,
+                "parallel": args.parallel, "sets": args.set, "params": args.params,
+                "train": params.train.model_dump(mode="json")}
+    partial = Path(args.out + ".records.jsonl")
+    done = done_records(partial, settings)
+    if not done and partial.is_file():
+        partial.unlink()  # another benchmark's runs
+    if done:
+        print(f"resuming: {len(done)} run(s) already in {partial}")
+
     with tempfile.TemporaryDirectory(prefix="bench-recipe-") as tmp_name:
         tmp = Path(tmp_name)
         default_store = Path(params.prepare.out)
@@ -134,31 +169,34 @@ def main() -> int:
             opened = PreparedStore.open(store)
             print(f"{name}: {store} ({len(opened.images)} images, {opened.n_folds} folds)")
         jobs = [(p, s, t) for p in stores for t in thread_counts for s in seeds]
-        records: list[dict] = []
-        started = time.perf_counter()
-        # one-thread runs share the cores two at a time; multi-thread runs go alone
-        single = [j for j in jobs if j[2] == 1]
-        multi = [j for j in jobs if j[2] != 1]
-        with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-            for rec in pool.map(lambda j: one_run(args, tmp, j[0], stores[j[0]], j[1], j[2]), single):
-                print_record(rec)
-                records.append(rec)
-        for job in multi:
-            rec = one_run(args, tmp, job[0], stores[job[0]], job[1], job[2])
+        records: list[dict] = [done[j] for j in jobs if j in done]
+        for rec in records:
             print_record(rec)
-            records.append(rec)
+        todo = [j for j in jobs if j not in done]
+        started = time.perf_counter()
+
+        def finish(job: tuple) -> dict:
+            rec = one_run(args, tmp, job[0], stores[job[0]], job[1], job[2])
+            append_record(partial, settings, rec)
+            print_record(rec)
+            return rec
+
+        # one-thread runs share the cores two at a time; multi-thread runs go alone
+        with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+            records += pool.map(finish, [j for j in todo if j[2] == 1])
+        records += [finish(j) for j in todo if j[2] != 1]
         total = time.perf_counter() - started
 
-    result = {"settings": {"seeds": seeds, "threads": thread_counts, "small_patients_per_class": args.small_patients,
-                           "parallel": args.parallel, "sets": args.set, "params": args.params,
-                           "train": params.train.model_dump(mode="json")},
+    records.sort(key=lambda r: (list(stores).index(r["phantom"]), r["threads"], r["seed"]))
+    result = {"settings": settings,
               "records": records,
               "summary": summary([r for r in records if r["phantom"] == "default"]),
               "summary_small": summary([r for r in records if r["phantom"] == "small"]),
               "total_seconds": round(total, 1)}
     print_summary(result)
     atomic_write_json(args.out, result)
-    print(f"wrote {args.out} ({total / 60:.1f} min)")
+    partial.unlink(missing_ok=True)
+    print(f"wrote {args.out} ({total / 60:.1f} min in this invocation)")
     return 0
 
 
