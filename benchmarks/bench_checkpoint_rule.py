@@ -30,26 +30,23 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from src.artifacts.store import PreparedStore  # noqa: E402
 from src.core.config import apply_overrides, load_params, params_from_dict  # noqa: E402
 from src.core.fileio import atomic_write_json  # noqa: E402
+from src.data.splits import fold_split  # noqa: E402
 from src.evaluation.metrics import auc_score  # noqa: E402
-from src.model.fit import first_checkpoint_epoch  # noqa: E402
+from src.model import fit  # noqa: E402
 
 SHARES = (0.0, 0.25, 0.5, 0.67)
 
 
 def record_seed(params_files: list[str], sets: list[str], seed: int, threads: int, out: Path) -> None:
     """Train every fold of one seed; write {fold: {labels, history, epoch_probs}} to `out`."""
-    import torch
-
-    import src.model.fit as fit
-    from src.artifacts.store import PreparedStore
-    from src.data.splits import fold_split
-
     torch.set_num_threads(threads)
     overrides = [*sets, f"train.seed={seed}", f"train.threads={threads}", "train.checkpoint=last"]
     params = params_from_dict(apply_overrides(load_params(params_files).model_dump(mode="json"), overrides))
@@ -82,7 +79,7 @@ def chosen_epoch(history: list[dict], criterion: str, share: float) -> int:
     n = len(history)
     if criterion == "last":
         return n - 1
-    first = first_checkpoint_epoch(SimpleNamespace(checkpoint=criterion, checkpoint_from=share, epochs=n)) - 1
+    first = fit.first_checkpoint_epoch(SimpleNamespace(checkpoint=criterion, checkpoint_from=share, epochs=n)) - 1
     loss = [h["val_loss"] for h in history]
     if criterion == "val_loss":
         return min(range(first, n), key=lambda i: loss[i])
